@@ -1,0 +1,149 @@
+"""Who runs a built trace, and how a local run goes.
+
+When a trace block ends, :func:`dispatch` hands the checked graph to one of:
+
+* a scan (``model.scan``): nothing runs; the proxies keep their shapes;
+* the open session: the trace is recorded and runs when the session does;
+* the local backend, :func:`run_trace`: right now, in this process, on whatever device the model is on.
+
+A local run turns autograd on only when the graph needs it, puts hooks on the touched modules for the duration
+of one model run (they are removed on success, on error and on ``KeyboardInterrupt``), binds every saved value
+to its proxy even when the run fails halfway, and then reports anything the trace asked for that the model
+never produced — a silent no-op is never the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..tracing.execution import EarlyStop, Execution
+from ..tracing.node import Node
+from .interleaver import Interleaver, ModelExecution
+from .tracer import DONE, FAILED, RECORDED, RUNNING, Tracer
+
+
+def dispatch(tracer: Tracer) -> None:
+    """Run, record or keep the finished graph of ``tracer`` (see the module docstring)."""
+    for observer in tracer.observers:
+        observer.graph_built(tracer)
+    if tracer.scan_only:
+        tracer.status = DONE
+        tracer._detach(None)
+        return
+    if tracer.session is not None:
+        tracer.session.record(tracer)
+        tracer.status = RECORDED
+        return
+    run_trace(tracer)
+
+
+def run_trace(tracer: Tracer, bridges: dict[int, Any] | None = None, keep: frozenset[int] = frozenset(),
+              on_update: Callable[[Tracer, Node, Any], None] | None = None) -> Execution:
+    """Run the model once with ``tracer``'s graph interleaved; return the finished execution state.
+
+    Args:
+        bridges: values for the graph's ``bridge`` nodes (from earlier traces of a session).
+        keep: nodes whose values must survive the run although nothing in this graph reads them any more
+            (values that later traces of a session read).
+        on_update: told when ``proxy.update(value)`` changes a bridged value (the session keeps it).
+    """
+    model = tracer.model
+    prepared, groups = model._batch_inputs(tracer.invokes)
+    observer = _fan_out(tracer.observers)
+    execution = ModelExecution(tracer.graph, model._module, observer, align_devices=model._on_accelerator(),
+                               keep=keep)
+    if on_update is not None:
+        execution.on_bridge_update = lambda node, value: on_update(tracer, node, value)
+    tracer.status = RUNNING
+    error: BaseException | None = None
+    try:
+        grad_mode = torch.enable_grad() if tracer.needs_grad else torch.no_grad()
+        with Interleaver(execution, model._module, groups, prepared.batch_size), grad_mode:
+            try:
+                for index, value in (bridges or {}).items():
+                    execution.deliver(index, value)
+                execution.start()
+                execution.run_ready()
+                result = model._run(prepared, tracer.run_options)
+                for node in tracer.graph.nodes:
+                    if node.op == "result":
+                        execution.deliver(node.index, result)
+                execution.run_ready()
+            except EarlyStop:
+                pass
+            execution.finish()
+        missing = execution.pending()
+        if missing:
+            raise never_produced(tracer, execution, missing)
+    except BaseException as exception:
+        error = exception
+        tracer.status = FAILED
+        raise
+    finally:
+        tracer._detach(execution)
+        for each in tracer.observers:
+            each.run_finished(tracer, execution, error)
+    tracer.status = DONE
+    return execution
+
+
+def never_produced(tracer: Tracer, execution: Execution, missing: list[Node]) -> RuntimeError:
+    """The error for nodes that never ran: name the values the model never produced, and why."""
+    causes: list[Node] = []
+    for node in missing:
+        if node.is_entry and node.op != "iteration" and node not in causes:
+            causes.append(node)
+    if not causes:
+        causes = missing[:1]
+    steps = sorted(execution.steps_run) or [0]
+    lines = []
+    for node in causes[:5]:
+        if node.section is not None:
+            section = tracer.graph.sections[node.section]
+            reason = (f"it belongs to tracer.iter{section.steps}, but the model ran only {len(steps)} "
+                      f"step{'s' if len(steps) != 1 else ''} (0 to {steps[-1]})")
+        elif node.op in ("module_output", "module_inputs"):
+            call, step = node.meta.get("call", 0), node.meta.get("step", 0)
+            reason = (f"the model did not call this module {'a ' + _ordinal(call + 1) + ' time' if call else ''}"
+                      f"{' in step ' + str(step) if step else ''}" if call or step else
+                      "the model never called this module with this input")
+        elif node.op == "grad":
+            reason = f"{node.args[0].describe()} is not part of what the `.backward()` differentiated"
+        else:
+            reason = "a value it waits for never arrived"
+        lines.append(f"{node.location} `{node.source_line}`: {node.describe()} was never produced: {reason}")
+    waiting = [node for node in missing if node not in causes and node.op != "iteration"]
+    if waiting:
+        saved = sum(1 for node in waiting if node.saved)
+        lines.append(f"({len(waiting)} operation{'s' if len(waiting) != 1 else ''} waiting on "
+                     f"{'it' if len(causes) == 1 else 'them'} did not run{f', {saved} of them saved' if saved else ''})")
+    return RuntimeError("the trace finished, but part of it never ran:\n  " + "\n  ".join(lines))
+
+
+def _ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
+class _Observers:
+    """Several observers heard as one."""
+
+    def __init__(self, observers: list[Any]):
+        self.observers = observers
+
+    def node_status(self, index: int, status: int) -> None:
+        for observer in self.observers:
+            observer.node_status(index, status)
+
+    def step_started(self, step: int) -> None:
+        for observer in self.observers:
+            observer.step_started(step)
+
+
+def _fan_out(observers: list[Any]) -> Any:
+    if not observers:
+        return None
+    return observers[0] if len(observers) == 1 else _Observers(observers)
+

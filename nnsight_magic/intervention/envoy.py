@@ -1,0 +1,173 @@
+"""The Envoy tree: a torch module's children, with traced ``.output`` / ``.input`` / ``.inputs``.
+
+In [1]: net = NNsight(torch.nn.Sequential(OrderedDict(layer1=nn.Linear(5, 10), layer2=nn.Linear(10, 2))))
+In [2]: net.layer1                      # an Envoy: attribute access mirrors the module's children
+In [3]: with net.trace(x):
+   ...:     h = net.layer1.output       # a proxy for layer1's output (its first call in this trace)
+   ...:     net.layer2.input[:, 0] = 0  # an in-place edit of layer2's first positional input
+   ...:     net.layer1.next()           # later reads of layer1 refer to its second call
+   ...:     logits = net.layer2(h)      # call a module on a traced value; its hooks do not fire
+
+Outside a trace an Envoy is a thin wrapper: calling it calls the module, other attributes are the module's.
+Wrong names raise ``AttributeError`` listing the closest child names. A module whose own child is called
+``output``, ``input`` or ``inputs`` keeps that child under the name; its traced value is ``nns_output`` (and
+``nns_input``, ``nns_inputs``), as in nnsight.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterator
+
+import torch
+
+from ..tracing.node import module_label
+
+_VALUE_NAMES = ("output", "input", "inputs")
+
+
+class Envoy:
+    """One module of the tree, addressed by its dotted path (``""`` for the root)."""
+
+    def __init__(self, module: torch.nn.Module, path: str = "", root: "Envoy | None" = None):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_root", self if root is None else root)
+        object.__setattr__(self, "_children", {})
+        if root is None:
+            object.__setattr__(self, "_active_tracer", None)
+
+    # ------------------------------------------------------------------------------------- traced values
+    @property
+    def output(self) -> Any:
+        """The module's output in the active trace (a proxy); a child named ``output`` wins if there is one."""
+        if "output" in self._module._modules:
+            return self._child("output")
+        return self.nns_output
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        self._tracer("set .output").set_module_value(self._path, "output", value)
+
+    @property
+    def input(self) -> Any:
+        """The first positional input of the module's call (the first keyword argument if it has none)."""
+        if "input" in self._module._modules:
+            return self._child("input")
+        return self.nns_input
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        self._tracer("set .input").set_module_value(self._path, "input", value)
+
+    @property
+    def inputs(self) -> Any:
+        """``(args, kwargs)`` of the module's call."""
+        if "inputs" in self._module._modules:
+            return self._child("inputs")
+        return self.nns_inputs
+
+    @inputs.setter
+    def inputs(self, value: Any) -> None:
+        self._tracer("set .inputs").set_module_value(self._path, "inputs", value)
+
+    @property
+    def nns_output(self) -> Any:
+        return self._tracer("read .output").module_value(self._path, "output")
+
+    @property
+    def nns_input(self) -> Any:
+        return self._tracer("read .input").module_value(self._path, "input")
+
+    @property
+    def nns_inputs(self) -> Any:
+        return self._tracer("read .inputs").module_value(self._path, "inputs")
+
+    def next(self, calls: int = 1) -> "Envoy":
+        """Later reads of this module in the trace refer to its next call (a module used several times)."""
+        self._tracer("call .next()").advance_call(self._path, calls)
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Inside a trace: call the module on traced values (its hooks do not fire). Outside: call the module."""
+        tracer = self._root._active_tracer
+        if tracer is None:
+            return self._module(*args, **kwargs)
+        return tracer.apply_module(self._path, args, kwargs)
+
+    # ------------------------------------------------------------------------------------------ the tree
+    def _child(self, name: str) -> "Envoy":
+        child = self._children.get(name)
+        if child is None:
+            path = f"{self._path}.{name}" if self._path else name
+            child = Envoy(self._module._modules[name], path, self._root)
+            self._children[name] = child
+        return child
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") and name in ("_module", "_path", "_root", "_children", "_active_tracer"):
+            raise AttributeError(name)  # not yet set (during construction or copying)
+        module = self._module
+        if name in module._modules:
+            return self._child(name)
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return getattr(module, name)
+        except AttributeError:
+            pass
+        children = list(module._modules)
+        close = difflib.get_close_matches(name, children, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(match) for match in close)}?" if close else ""
+        listing = f" Its children are: {', '.join(children[:12])}{', ...' if len(children) > 12 else ''}." \
+            if children else " It has no child modules."
+        raise AttributeError(f"{self._label} ({type(module).__name__}) has no child or attribute {name!r}{hint}"
+                             f"{listing}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _VALUE_NAMES and name not in self._module._modules:
+            object.__setattr__(self, name, value)  # routes to the property setters above
+        elif name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._module, name, value)
+            self._children.pop(name, None)
+
+    def __getitem__(self, key: int | str | slice) -> Any:
+        module = self._module
+        names = list(module._modules)
+        if isinstance(key, slice):
+            return [self._child(name) for name in names[key]]
+        if isinstance(key, str):
+            if key not in module._modules:
+                raise KeyError(f"{self._label} has no child {key!r}; children: {', '.join(names[:12])}")
+            return self._child(key)
+        if not isinstance(key, int):
+            raise TypeError(f"index {self._label} with an int, a name or a slice, not {type(key).__name__}")
+        if not -len(names) <= key < len(names):
+            raise IndexError(f"{self._label} has {len(names)} children; index {key} is out of range")
+        return self._child(names[key])
+
+    def __len__(self) -> int:
+        return len(self._module._modules)
+
+    def __iter__(self) -> Iterator["Envoy"]:
+        return (self._child(name) for name in list(self._module._modules))
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self._module._modules) | set(dir(self._module)))
+
+    def __repr__(self) -> str:
+        return f"Envoy({self._label}: {self._module!r})"
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    @property
+    def _label(self) -> str:
+        return module_label(self._path)
+
+    def _tracer(self, action: str) -> Any:
+        tracer = self._root._active_tracer
+        if tracer is None:
+            raise RuntimeError(f"cannot {action} on {self._label} outside a trace: use it inside "
+                               f"`with model.trace(...):` or a `%%trace` cell")
+        return tracer

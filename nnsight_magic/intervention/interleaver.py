@@ -1,0 +1,290 @@
+"""Interleave a graph with the model's forward pass through hooks on the modules the graph touches.
+
+In [1]: execution = ModelExecution(graph, model)
+In [2]: with Interleaver(execution, model, groups=[(0, 1)], batch_size=1):   # hooks on, only where needed
+   ...:     execution.start()
+   ...:     output = model(x)                                               # hooks feed the graph
+   ...:     execution.finish()
+        # every hook is removed here, also after an exception or a KeyboardInterrupt
+
+A hook for call *k* of a module gives the value to the entry nodes waiting for that call (narrowed to each
+invoke's rows), runs every node that became ready, checks that every edit of that value has happened (else
+:class:`~nnsight_magic.errors.OutOfOrderError`), and returns the replacement when an entry was assigned.
+Calls are counted per module, and per generation step when the graph has iteration blocks or reads later steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..errors import OutOfOrderError, annotate
+from ..tracing.execution import PENDING, Execution, ExecutionObserver
+from ..tracing.graph import Graph
+from ..tracing.node import Node
+from .batching import compose, narrow
+
+_VALUE_KIND = {"module_output": "output", "module_inputs": "input"}
+
+
+class EntryPoint:
+    """Where a hook delivers one entry node: which call, which step, which rows."""
+
+    __slots__ = ("index", "call", "step", "section", "group")
+
+    def __init__(self, node: Node, group: tuple[int, int] | None):
+        self.index = node.index
+        self.call = node.meta.get("call", 0)
+        self.step = node.meta.get("step", 0)
+        self.section = node.section
+        self.group = group
+
+
+class ModelExecution(Execution):
+    """An :class:`~nnsight_magic.tracing.execution.Execution` that knows about the model: module calls made by
+    the graph pause the hooks, and ``.backward()`` nodes deliver gradients to ``.grad`` nodes."""
+
+    def __init__(self, graph: Graph, root: torch.nn.Module, observer: ExecutionObserver | None = None,
+                 align_devices: bool = False, keep: frozenset[int] = frozenset()):
+        super().__init__(graph, root, observer, align_devices, keep)
+        self.interleaver: Interleaver | None = None
+        self.on_bridge_update: Callable[[Node, Any], None] | None = None
+        self.grads_by_backward: dict[int, list[Node]] = {}
+        for node in graph.nodes:
+            if node.op == "grad":
+                self.grads_by_backward.setdefault(node.meta["backward"], []).append(node)
+
+    def apply_module(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        interleaver = self.interleaver
+        if interleaver is None:
+            return super().apply_module(node, args, kwargs)
+        interleaver.paused += 1
+        try:
+            return super().apply_module(node, args, kwargs)
+        finally:
+            interleaver.paused -= 1
+
+    def update(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        target = node.args[0]
+        if target.op == "bridge" and self.on_bridge_update is not None:
+            self.on_bridge_update(target, args[1])
+        return super().update(node, args, kwargs)
+
+    def call_method(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        if "backward" not in node.meta:
+            return super().call_method(node, args, kwargs)
+        handles = []
+        try:
+            for grad_node in self.grads_by_backward.get(node.meta["backward"], ()):
+                tensor = self.values[grad_node.args[0].index]
+                if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+                    raise annotate(RuntimeError(
+                        f"{grad_node.args[0].describe()} does not require grad, so it has no gradient; read .grad "
+                        "of values computed from the model's parameters (or call `.requires_grad_()` first)"),
+                        grad_node)
+                handles.append(tensor.register_hook(self._gradient_hook(grad_node, node.index)))
+            return super().call_method(node, args, kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _gradient_hook(self, grad_node: Node, backward_index: int) -> Callable[[torch.Tensor], Any]:
+        def hook(gradient: torch.Tensor) -> Any:
+            self.deliver(grad_node.index, gradient)
+            self.run_ready(limit=backward_index)
+            if self.interleaver is not None:
+                self.interleaver.check_writes((grad_node.index,))
+            return self.swaps.pop(grad_node.index, None)
+        return hook
+
+
+class Interleaver:
+    """Registers the hooks one run needs and removes them on exit (context manager).
+
+    Args:
+        execution: the run-time state the hooks feed.
+        root: the model.
+        groups: ``(start, size)`` rows of each invoke in the batch.
+        batch_size: rows in the whole batch.
+    """
+
+    def __init__(self, execution: ModelExecution, root: torch.nn.Module, groups: list[tuple[int, int]],
+                 batch_size: int):
+        self.execution = execution
+        self.root = root
+        self.batch_size = batch_size
+        self.paused = 0
+        self.step = 0
+        self.root_calls = 0
+        self.counts: dict[int, int] = {}
+        self.handles: list[Any] = []
+        graph = execution.graph
+        whole_batch = len(groups) <= 1
+        self.tables: dict[tuple[str, str], dict[int, list[EntryPoint]]] = {}
+        self.steps_matter = bool(graph.sections)
+        for node in graph.nodes:
+            kind = _VALUE_KIND.get(node.op)
+            if kind is None:
+                continue
+            invoke = node.meta.get("invoke")
+            group = None if invoke is None or whole_batch else groups[invoke]
+            point = EntryPoint(node, group)
+            self.steps_matter = self.steps_matter or point.step != 0
+            self.tables.setdefault((node.target, kind), {}).setdefault(point.call, []).append(point)
+        self.writes_on: dict[int, list[int]] = {}
+        for write, root_index in graph.writes.items():
+            if graph.nodes[root_index].is_entry:
+                self.writes_on.setdefault(root_index, []).append(write)
+        for node in graph.nodes:
+            if node.op == "swap":
+                self.writes_on.setdefault(node.args[0].index, []).append(node.index)
+        execution.interleaver = self
+
+    # -------------------------------------------------------------------------------------------- hooks
+    def __enter__(self) -> "Interleaver":
+        root = self.root
+        try:
+            if self.steps_matter:
+                self.handles.append(root.register_forward_pre_hook(self._begin_step, prepend=True))
+            by_module: dict[int, tuple[torch.nn.Module, dict, dict]] = {}
+            for (path, kind), table in self.tables.items():
+                module = root.get_submodule(path) if path else root
+                _, outputs, inputs = by_module.setdefault(id(module), (module, {}, {}))
+                merged = outputs if kind == "output" else inputs
+                for call, points in table.items():
+                    merged.setdefault(call, []).extend(points)
+            for module, outputs, inputs in by_module.values():
+                for table in (outputs, inputs):
+                    for points in table.values():
+                        points.sort(key=lambda point: point.index)
+                if inputs:
+                    self.handles.append(module.register_forward_pre_hook(self._input_hook(inputs),
+                                                                         with_kwargs=True))
+                if outputs:
+                    self.handles.append(module.register_forward_hook(self._output_hook(outputs)))
+            if self.steps_matter:
+                self.handles.append(root.register_forward_hook(self._end_step))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.execution.interleaver = None
+
+    def _begin_step(self, module: torch.nn.Module, args: tuple) -> None:
+        if self.paused:
+            return
+        self.step = self.root_calls
+        self.root_calls += 1
+        self.counts.clear()
+        self.execution.begin_step(self.step)
+        self.execution.run_ready()
+
+    def _end_step(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if not self.paused:
+            self.execution.end_step(self.step)
+
+    def _output_hook(self, table: dict[int, list[EntryPoint]]) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+            if self.paused:
+                return None
+            key = id(module)
+            call = self.counts.get(key, 0)
+            self.counts[key] = call + 1
+            points = table.get(call)
+            return None if points is None else self._deliver(points, output)
+        return hook
+
+    def _input_hook(self, table: dict[int, list[EntryPoint]]) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+            if self.paused:
+                return None
+            key = -id(module) - 1  # input calls are counted apart from output calls
+            call = self.counts.get(key, 0)
+            self.counts[key] = call + 1
+            points = table.get(call)
+            return None if points is None else self._deliver(points, (args, kwargs))
+        return hook
+
+    def _deliver(self, points: list[EntryPoint], value: Any) -> Any:
+        """Give ``value`` to the waiting entries, in rounds, and return the model's replacement value (or None).
+
+        Entries are taken in creation order; consecutive entries that see the whole batch (persistent edits,
+        invokes without input) or that see single invokes' rows form one round. After each round, the nodes it
+        made ready run and its assignments are composed into the value the next round sees, with one copy per
+        round however many invokes it holds.
+        """
+        execution, step = self.execution, self.step
+        current, replaced = value, False
+        round_points: list[EntryPoint] = []
+        for point in points:
+            if point.section is not None:
+                if not execution.armed[point.section]:
+                    continue
+            elif point.step != step:
+                continue
+            whole = point.group is None
+            if round_points and whole != (round_points[0].group is None):
+                current, replaced = self._finish_round(round_points, current, replaced)
+                round_points = []
+            execution.deliver(point.index, current if whole else narrow(current, *point.group, self.batch_size))
+            round_points.append(point)
+        if round_points:
+            current, replaced = self._finish_round(round_points, current, replaced)
+        return current if replaced else None
+
+    def _finish_round(self, points: list[EntryPoint], current: Any, replaced: bool) -> tuple[Any, bool]:
+        self.execution.run_ready()
+        self.check_writes(point.index for point in points)
+        swaps = self.execution.swaps
+        replacements = [(point.group or (0, self.batch_size), swaps.pop(point.index))
+                        for point in points if point.index in swaps]
+        if not replacements:
+            return current, replaced
+        return compose(current, replacements, self.batch_size), True
+
+    def calls(self, module: torch.nn.Module) -> int:
+        """How many times ``module`` ran in the current step (only counted for hooked modules)."""
+        return self.counts.get(id(module), 0)
+
+    # ------------------------------------------------------------------------------------- order check
+    def check_writes(self, entries: Any) -> None:
+        """Every edit of a value the model just produced must have happened before the model moves on."""
+        state = self.execution.state
+        for entry in entries:
+            for write in self.writes_on.get(entry, ()):
+                if state[write] == PENDING:
+                    raise out_of_order(self.execution.graph, write, entry, self.execution)
+
+
+def out_of_order(graph: Graph, write: int, entry: int, execution: Execution | None = None,
+                 blocker: Node | None = None) -> OutOfOrderError:
+    """The error for an edit of ``entry``'s value that needs something the model produces later."""
+    nodes = graph.nodes
+    if blocker is None and execution is not None:
+        blocker = _pending_source(nodes, write, execution)
+    changed = nodes[entry].describe()
+    written = nodes[write]
+    needs = f", but it needs {blocker.describe()} ({blocker.location})" if blocker is not None else ""
+    message = (f"{written.location} `{written.source_line}` changes {changed}{needs}, which the model computes "
+               f"only after {changed}. A change can only use values the model has produced by then: read the value "
+               "from a module that runs earlier, or compute it in one trace and use it in a later trace of a "
+               "session (`with model.session():`)")
+    return OutOfOrderError(message)
+
+
+def _pending_source(nodes: list[Node], index: int, execution: Execution) -> Node | None:
+    """Follow the latest pending dependency from node ``index`` back to the entry that holds it up."""
+    current = nodes[index]
+    while True:
+        pending = [dependency for dependency in current.dependencies if execution.state[dependency] == PENDING]
+        if not pending:
+            return current if current.index != index else None
+        current = nodes[max(pending)]
+        if current.is_entry:
+            return current

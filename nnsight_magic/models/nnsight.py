@@ -1,0 +1,192 @@
+"""``NNsight``: look inside and change any ``torch.nn.Module``.
+
+In [1]: from nnsight_magic import NNsight
+In [2]: net = NNsight(torch.nn.Sequential(OrderedDict(layer1=nn.Linear(5, 10), layer2=nn.Linear(10, 2))))
+In [3]: with net.trace(torch.rand(1, 5)) as tracer:
+   ...:     h = net.layer1.output.save()
+   ...:     net.layer2.output[:, 0] = 0
+   ...:     out = net.output.save()
+In [4]: h.value.shape, out.value[:, 0]
+Out[4]: (torch.Size([1, 10]), tensor([0.]))
+
+``net`` is the root :class:`~nnsight_magic.intervention.envoy.Envoy`: attribute access mirrors the module's
+children, and calling it outside a trace calls the module. Subclasses (``LanguageModel``) change how inputs are
+prepared, batched and run by overriding ``_prepare_input``, ``_batch_inputs`` and ``_run``.
+"""
+
+from __future__ import annotations
+
+import collections
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..intervention.batching import batch_size_of, concatenate_batches
+from ..intervention.edit import EditTracer
+from ..intervention.envoy import Envoy
+from ..intervention.session import Session
+from ..intervention.tracer import Tracer
+from ..tracing.shapes import ModuleScan, ScanFailed
+
+_SCAN_CACHE_SIZE = 8
+
+
+@dataclass
+class PreparedInput:
+    """One invoke's input, ready to batch: positional and keyword arguments, and how many rows it has."""
+
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    batch_size: int = 1
+
+
+class NNsight(Envoy):
+    """Wrap ``module`` for tracing; see the module docstring.
+
+    Args:
+        module: any ``torch.nn.Module``. It is used as it is (not copied): traces hook it only while they run.
+    """
+
+    _batching_changes_shapes = False  # concatenating tensors keeps each input's shape
+
+    def __init__(self, module: torch.nn.Module):
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"NNsight wraps a torch.nn.Module, not {type(module).__name__}")
+        super().__init__(module)
+        object.__setattr__(self, "_edits", [])
+        object.__setattr__(self, "_scan_cache", collections.OrderedDict())
+        object.__setattr__(self, "_scan_failures", set())
+
+    # ----------------------------------------------------------------------------------------- contexts
+    def trace(self, *inputs: Any, validate: bool = True, grad: bool | None = None, **kwargs: Any) -> Tracer:
+        """Trace one model run on ``inputs`` (plus keyword arguments for the model's forward).
+
+        Args:
+            validate: compute shapes while building and check the order of edits before running (``False``
+                skips the fake-tensor pass, for speed in tight loops).
+            grad: keep autograd on during the run (default: only when the trace calls ``.backward()``).
+        """
+        return Tracer(self, inputs, kwargs, validate=validate, grad=grad)
+
+    def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
+        """Build and shape-check a trace without running the model: ``proxy.shape`` works, ``.value`` does not."""
+        return Tracer(self, inputs, kwargs, scan_only=True)
+
+    def session(self) -> Session:
+        """Several traces that run as one unit at the end of the block; later ones may use earlier values."""
+        return Session()
+
+    def edit(self, inplace: bool = False) -> EditTracer:
+        """Interventions that apply to every later trace: of a copy of this model (default) or of this model."""
+        return EditTracer(self if inplace else self._edited_copy())
+
+    def clear_edits(self) -> None:
+        """Remove every persistent edit of this model."""
+        self._edits.clear()
+
+    def _edited_copy(self) -> "NNsight":
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        object.__setattr__(clone, "_children", {})
+        object.__setattr__(clone, "_root", clone)
+        object.__setattr__(clone, "_active_tracer", None)
+        object.__setattr__(clone, "_edits", list(self._edits))
+        return clone
+
+    def _enter_tracer(self, tracer: Tracer) -> None:
+        if self._active_tracer is not None:
+            raise RuntimeError("a trace of this model is already open; traces cannot be nested (use invokes to "
+                               "batch inputs, or a session for several runs)")
+        object.__setattr__(self, "_active_tracer", tracer)
+
+    def _exit_tracer(self, tracer: Tracer) -> None:
+        if self._active_tracer is tracer:
+            object.__setattr__(self, "_active_tracer", None)
+
+    # ------------------------------------------------------------------------- inputs, batching, running
+    def _prepare_input(self, *inputs: Any, **kwargs: Any) -> PreparedInput:
+        """One invoke's input as the model takes it."""
+        return PreparedInput(tuple(inputs), dict(kwargs), batch_size_of((inputs, kwargs)))
+
+    def _batch_inputs(self, prepared: list[PreparedInput]) -> tuple[PreparedInput, list[tuple[int, int]]]:
+        """All invokes' inputs as one batch, and each invoke's ``(start, rows)`` in it."""
+        if not prepared:
+            raise ValueError("this trace has no input")
+        groups, start = [], 0
+        for each in prepared:
+            groups.append((start, each.batch_size))
+            start += each.batch_size
+        if len(prepared) == 1:
+            return prepared[0], groups
+        if len({(len(each.args), tuple(each.kwargs)) for each in prepared}) != 1:
+            raise ValueError("invokes batched together must pass the same arguments (tensors may differ in rows)")
+        args = tuple(concatenate_batches([each.args[position] for each in prepared])
+                     for position in range(len(prepared[0].args)))
+        kwargs = {key: concatenate_batches([each.kwargs[key] for each in prepared]) for key in prepared[0].kwargs}
+        return PreparedInput(args, kwargs, start), groups
+
+    def _run(self, prepared: PreparedInput, options: dict) -> Any:
+        """Run the model on a batch (``options`` come from ``trace``/``generate``)."""
+        return self._module(*prepared.args, **prepared.kwargs)
+
+    def _scan_runner(self, options: dict) -> Any:
+        """The callable a fake-tensor scan runs: one forward pass."""
+        return self._module
+
+    def _scan(self, prepared: PreparedInput, options: dict) -> ModuleScan | None:
+        """The fake-tensor scan for this input signature (cached), or ``None`` when the model cannot be scanned."""
+        key = (_signature(prepared.args), _signature(prepared.kwargs), _signature(options))
+        cache = self._scan_cache
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        try:
+            scan = ModuleScan.run(self._module, self._scan_runner(options), prepared.args, prepared.kwargs)
+        except ScanFailed as reason:
+            if type(self._module) not in self._scan_failures:
+                self._scan_failures.add(type(self._module))
+                warnings.warn(f"shapes are unavailable for {type(self._module).__name__}: it could not run on fake "
+                              f"tensors ({reason}). Traces still run; order problems are found while they run.",
+                              stacklevel=4)
+            scan = None
+        cache[key] = scan
+        if len(cache) > _SCAN_CACHE_SIZE:
+            cache.popitem(last=False)
+        return scan
+
+    def _on_accelerator(self) -> bool:
+        parameter = next(self._module.parameters(), None)
+        return parameter is not None and parameter.device.type != "cpu"
+
+    # ---------------------------------------------------------------------------------------- conveniences
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's first parameter (CPU for a model without parameters)."""
+        parameter = next(self._module.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    def to(self, *args: Any, **kwargs: Any) -> "NNsight":
+        """Move the model (``net.to("cuda")``); returns the wrapper."""
+        self._module.to(*args, **kwargs)
+        self._scan_cache.clear()
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._module!r})"
+
+
+def _signature(value: Any) -> Any:
+    """A hashable summary of an input: shapes, dtypes and devices of tensors, and other values themselves."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__,) + tuple(_signature(item) for item in value)
+    if isinstance(value, dict):
+        return ("dict",) + tuple((key, _signature(item)) for key, item in sorted(value.items(), key=lambda kv: str(kv[0])))
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return (type(value).__name__, id(value))

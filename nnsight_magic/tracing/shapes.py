@@ -1,0 +1,239 @@
+"""Shapes before running: a fake-tensor scan of the model, and fake values for every node.
+
+A :class:`ModuleScan` runs the model once under ``FakeTensorMode`` (no real compute, no real memory) with hooks on
+every module, recording each module call's fake inputs and output and the order in which calls start and end.
+:class:`ShapeInference` then gives every node its fake value by running the node's op on its arguments' fake
+values, so ``proxy.shape`` is a real ``torch.Size`` while the cell is still being built, and a bad index or a
+mismatched assignment raises its usual error at the user's line, before the model runs.
+
+In [1]: scan = ModuleScan.run(net, lambda x: net(x), (torch.rand(1, 5),), {})
+In [2]: scan.output("layer1", 0).shape, scan.order[("layer1", "output", 0)]
+Out[2]: (torch.Size([1, 10]), 2)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import operator
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+from torch._subclasses import fake_tensor
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_map
+
+from ..errors import annotate
+from .graph import written_node
+from .interpreter import Interpreter
+from .node import Node, map_nodes
+
+_FAKE_LIMITATIONS = (
+    fake_tensor.DataDependentOutputException, fake_tensor.DynamicOutputShapeException,
+    fake_tensor.UnsupportedOperatorException, fake_tensor.UnsupportedFakeTensorException,
+    NotImplementedError,
+)
+_FAKE_WORDS = ("meta", "fake", "data-dependent", "data dependent", "symbolic", "FakeTensor", "_local_scalar_dense")
+_fake_logger = logging.getLogger("torch._subclasses.fake_tensor")
+
+
+@contextlib.contextmanager
+def quiet_fake_errors() -> Iterator[None]:
+    """Silence FakeTensorMode's own error log while we run ops that may legitimately fail on fake values."""
+    previous = _fake_logger.disabled
+    _fake_logger.disabled = True
+    try:
+        yield
+    finally:
+        _fake_logger.disabled = previous
+
+
+_shared_mode: fake_tensor.FakeTensorMode | None = None
+
+
+def shared_fake_mode() -> fake_tensor.FakeTensorMode:
+    """The one ``FakeTensorMode`` every scan and every shape inference uses.
+
+    One mode means fake values of different scans (several invokes, several models in a session) can meet in
+    one operation. It remembers the fake copy of each real tensor (weakly: parameters are converted once).
+    """
+    global _shared_mode
+    if _shared_mode is None:
+        _shared_mode = fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
+    return _shared_mode
+
+
+class ScanFailed(RuntimeError):
+    """The model could not run on fake tensors (data-dependent control flow, unsupported ops)."""
+
+
+class ModuleScan:
+    """The fake run of a model: every module call's fake inputs and output, in order.
+
+    Attributes:
+        fake_mode: the ``FakeTensorMode`` the fake values belong to; later shape inference runs inside it.
+        outputs: ``path -> [fake output of call 0, call 1, ...]``.
+        inputs: ``path -> [(fake args, fake kwargs) of call 0, ...]``.
+        order: ``(path, "input" | "output", call) -> position`` in the sequence of hook events; a value written
+            into a module call can only depend on events at or before that call's own position.
+        result: the fake value the run returned.
+    """
+
+    def __init__(self, fake_mode: fake_tensor.FakeTensorMode):
+        self.fake_mode = fake_mode
+        self.outputs: dict[str, list[Any]] = {}
+        self.inputs: dict[str, list[tuple[tuple, dict]]] = {}
+        self.order: dict[tuple[str, str, int], int] = {}
+        self.result: Any = None
+
+    @classmethod
+    def run(cls, root: torch.nn.Module, runner: Callable[..., Any], args: tuple, kwargs: dict) -> "ModuleScan":
+        """Run ``runner(*args, **kwargs)`` on fake copies of the inputs, recording every module call of ``root``.
+
+        Raises :class:`ScanFailed` (with the reason) when the model cannot run on fake tensors.
+        """
+        scan = cls(shared_fake_mode())
+        paths: dict[int, list[str]] = {}
+        for path, module in root.named_modules(remove_duplicate=False):
+            paths.setdefault(id(module), []).append(path)
+        handles = []
+        seen_modules: set[int] = set()
+        for module in root.modules():
+            if id(module) in seen_modules:
+                continue
+            seen_modules.add(id(module))
+            module_paths = paths[id(module)]
+            handles.append(module.register_forward_pre_hook(scan._recorder(module_paths, "input"), with_kwargs=True))
+            handles.append(module.register_forward_hook(scan._recorder(module_paths, "output"), with_kwargs=True))
+        try:
+            with scan.fake_mode, torch.no_grad(), quiet_fake_errors(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fake_args = tree_map(scan._to_fake, args)
+                fake_kwargs = tree_map(scan._to_fake, kwargs)
+                scan.result = runner(*fake_args, **fake_kwargs)
+        except Exception as error:  # any failure means "no shapes", never a failed trace
+            raise ScanFailed(f"{type(error).__name__}: {error}") from error
+        finally:
+            for handle in handles:
+                handle.remove()
+        return scan
+
+    def _to_fake(self, value: Any) -> Any:
+        return self.fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+
+    def _recorder(self, paths: list[str], kind: str) -> Callable:
+        def record(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any = None) -> None:
+            for path in paths:
+                calls = self.outputs if kind == "output" else self.inputs
+                values = calls.setdefault(path, [])
+                self.order[(path, kind, len(values))] = len(self.order)
+                values.append(output if kind == "output" else (args, dict(kwargs)))
+        if kind == "input":
+            return lambda module, args, kwargs: record(module, args, kwargs)
+        return record
+
+    def output(self, path: str, call: int) -> Any:
+        """The fake output of call ``call`` of the module at ``path``, or ``None`` if that call never happened."""
+        calls = self.outputs.get(path, ())
+        return calls[call] if call < len(calls) else None
+
+    def input(self, path: str, call: int) -> Any:
+        """The fake ``(args, kwargs)`` of call ``call`` of the module at ``path``, or ``None``."""
+        calls = self.inputs.get(path, ())
+        return calls[call] if call < len(calls) else None
+
+    def calls(self, path: str) -> int:
+        """How many times the module at ``path`` ran in one model run."""
+        return len(self.outputs.get(path, ()))
+
+
+class ShapeInference(Interpreter):
+    """Gives each new node its fake value by running its op on fake arguments.
+
+    Errors that the real run would raise too (an index out of range, shapes that cannot broadcast, a wrong
+    method name) are raised at once, keep their type, and name the user's line. Failures that only mean "not
+    knowable without real data" (``.item()``, ``nonzero``, a user function that needs real numbers) leave the
+    node's fake value unknown (``None``) instead.
+    """
+
+    def __init__(self, root: torch.nn.Module | None, fake_mode: fake_tensor.FakeTensorMode | None = None):
+        super().__init__(root)
+        self.fake_mode = fake_mode or shared_fake_mode()
+
+    def infer(self, node: Node) -> Any:
+        """The fake value of ``node``, ``None`` when unknown; raises the user's error for real mistakes."""
+        if node.op in ("log", "stop") or (node.op == "call_method" and node.target == "backward"):
+            return None  # side effects only; nothing to know about their value
+        unknown = False
+
+        def fake_of(argument: Node) -> Any:
+            nonlocal unknown
+            if argument.fake is None:
+                unknown = True
+            return argument.fake
+
+        args = map_nodes(fake_of, node.args)
+        kwargs = map_nodes(fake_of, node.kwargs)
+        if unknown:
+            return self.cond_check(node, args) if node.op == "cond" else None
+        if written_node(node) is not None and isinstance(args[0], torch.Tensor):
+            with self.fake_mode:
+                args = (args[0].clone(),) + tuple(args[1:])   # never change a fake value others share
+        try:
+            with self.fake_mode, quiet_fake_errors(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return self.run_node(node, args, kwargs)
+        except _FAKE_LIMITATIONS:
+            return None
+        except Exception as error:
+            if not self._trustworthy(node, error):
+                return None
+            raise annotate(error, node)
+
+    @staticmethod
+    def _trustworthy(node: Node, error: Exception) -> bool:
+        """True when ``error`` would happen on real tensors too, so the user should see it now."""
+        message = str(error)
+        if any(word in message for word in _FAKE_WORDS):
+            return False
+        if node.op == "call_function":
+            module = getattr(node.target, "__module__", "") or ""
+            return module.startswith(("torch", "_operator", "operator", "builtins")) or \
+                node.target in vars(operator).values()
+        return True
+
+    # ------------------------------------------------------------------- ops whose meaning depends on the run
+    def swap(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        return args[1]
+
+    def update(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        return args[1]
+
+    def merge(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        return args[1] if args[1] is not None else args[2]
+
+    def cond(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        return self.cond_check(node, args)
+
+    @staticmethod
+    def cond_check(node: Node, args: tuple) -> None:
+        """A condition must be one truth value: a tensor with several elements is the user's mistake."""
+        condition = args[0]
+        if isinstance(condition, torch.Tensor) and condition.numel() != 1:
+            raise annotate(RuntimeError(
+                f"the condition is a tensor of shape {tuple(condition.shape)} ({condition.numel()} values); "
+                "reduce it to one value first, e.g. `(...).any()`, `(...).all()` or `x[0, -1] > 0`"), node)
+        return None
+
+    @staticmethod
+    def alias(value: Any, base: Any) -> bool:
+        """True when the fake ``value`` shares storage with the fake ``base`` (a view of it)."""
+        if isinstance(value, torch.Tensor) and isinstance(base, torch.Tensor):
+            try:
+                return StorageWeakRef(value.untyped_storage()) == StorageWeakRef(base.untyped_storage())
+            except (RuntimeError, NotImplementedError):
+                return False
+        if isinstance(value, (tuple, list)) and value and isinstance(base, torch.Tensor):
+            return any(ShapeInference.alias(item, base) for item in value)
+        return False
