@@ -14,7 +14,7 @@ never produced — a silent no-op is never the result.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -22,6 +22,25 @@ from ..tracing.execution import EarlyStop, Execution
 from ..tracing.node import Node
 from .interleaver import Interleaver, ModelExecution
 from .tracer import DONE, FAILED, RECORDED, RUNNING, Tracer
+
+
+class TraceObserver(Protocol):
+    """What a live view (the inspector widget) hears about one trace; add it to ``tracer.observers``.
+
+    ``graph_built`` comes once the graph is built and checked (every node has its fake value), before the model
+    runs; ``node_status`` for every change of a node's status while it runs (``PENDING``, ``DONE``, ``FREED``,
+    ``SKIPPED`` from :mod:`nnsight_magic.tracing.execution`); ``step_started`` at each generation step;
+    ``run_finished`` at the end, with the execution state (saved values in ``execution.values``) and the error,
+    if the run failed. A recorded (session) or scanned trace hears only ``graph_built``.
+    """
+
+    def graph_built(self, tracer: Tracer) -> None: ...
+
+    def node_status(self, index: int, status: int) -> None: ...
+
+    def step_started(self, step: int) -> None: ...
+
+    def run_finished(self, tracer: Tracer, execution: Execution, error: BaseException | None) -> None: ...
 
 
 def dispatch(tracer: Tracer) -> None:

@@ -280,6 +280,14 @@ class Tracer:
         """A block that runs only if ``value`` is true when the model produces it (``with tracer.cond(x):``)."""
         return Conditional(self, value)
 
+    def merge(self, condition: Conditional, if_true: Any, if_false: Any) -> Proxy:
+        """After ``tracer.cond``: ``if_true`` if the condition held when the model ran, else ``if_false``.
+
+        This is how a ``%%trace`` cell's ``if`` gives a name the value of the branch that ran:
+        ``x = tracer.merge(condition, x_from_if_branch, x_from_else_branch)``. Either side may be a plain value.
+        """
+        return self.create_proxy("merge", None, (condition.proxy, if_true, if_false), {})
+
     @property
     def iter(self) -> IterationIndexer:
         """``tracer.iter[2]``, ``tracer.iter[1:4]``, ``tracer.iter[[0, 2]]``: blocks run at those generation steps."""

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny models built in code, and their plain-PyTorch twins for ground truth."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from nnsight_magic import NNsight
+
+
+def make_tiny() -> torch.nn.Sequential:
+    """The two-layer model nnsight's own tests use: Linear(5, 10) then Linear(10, 2)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(OrderedDict(layer1=torch.nn.Linear(5, 10), layer2=torch.nn.Linear(10, 2)))
+
+
+@pytest.fixture
+def tiny() -> torch.nn.Sequential:
+    return make_tiny()
+
+
+@pytest.fixture
+def net(tiny: torch.nn.Sequential) -> NNsight:
+    return NNsight(tiny)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.rand(3, 5)
+
+
+def hook_count(module: torch.nn.Module) -> int:
+    """Every forward hook and pre-hook registered anywhere in ``module``."""
+    return sum(len(each._forward_hooks) + len(each._forward_pre_hooks) + len(each._forward_hooks_with_kwargs)
+               for each in module.modules())
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
