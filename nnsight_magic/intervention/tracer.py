@@ -442,6 +442,11 @@ class Tracer:
             object.__setattr__(proxy, "_tracer", None)
         self._proxies = []
 
+    @property
+    def bridges(self) -> dict[tuple[int, int], Proxy]:
+        """Values this trace receives from earlier traces of its session: ``(trace, node) -> bridge proxy``."""
+        return dict(self._bridges)
+
     def saved_proxies(self, index: int) -> list[Proxy]:
         """The live proxies that received the saved value of node ``index`` after the run."""
         return [proxy for proxy in (reference() for reference in self._saved.get(index, ())) if proxy is not None]
