@@ -45,6 +45,9 @@ def first_input(inputs: tuple[tuple, dict]) -> Any:
     raise IndexError("the module was called without arguments, so it has no .input")
 
 
+first_input.returns_view = True  # its value is part of the module's inputs: editing it edits the inputs
+
+
 def replace_first_input(inputs: tuple[tuple, dict], value: Any) -> tuple[tuple, dict]:
     """``inputs`` with its first argument (see :func:`first_input`) replaced by ``value``."""
     args, kwargs = inputs
@@ -190,7 +193,10 @@ class Tracer:
         key = self._key(path, kind)
         proxy = self._values.get(key)
         if proxy is None:
-            proxy = self._original(key)
+            if kind == "input":  # derived from the current inputs, which an assignment may have replaced
+                proxy = self.create_proxy("call_function", first_input, (self.module_value(path, "inputs"),), {})
+            else:
+                proxy = self._original(key)
             self._values[key] = proxy
         return proxy
 

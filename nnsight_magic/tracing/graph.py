@@ -233,6 +233,8 @@ class Graph:
             return base.storage_root
         if self.shape_inference is not None and node.fake is not None and base.fake is not None:
             return base.storage_root if self.shape_inference.alias(node.fake, base.fake) else None
+        if getattr(node.target, "returns_view", False):
+            return base.storage_root
         name = node.target if op in ("call_method", "getattr") else getattr(node.target, "__name__", "")
         if op == "call_function" and node.target is operator.getitem:
             name = "__getitem__"

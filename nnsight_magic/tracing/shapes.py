@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import operator
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -165,6 +164,8 @@ class ShapeInference(Interpreter):
         """The fake value of ``node``, ``None`` when unknown; raises the user's error for real mistakes."""
         if node.op in ("log", "stop") or (node.op == "call_method" and node.target == "backward"):
             return None  # side effects only; nothing to know about their value
+        if node.op == "call_function" and not _library_function(node.target):
+            return None  # a user's function runs once, on real values: never on fake ones while building
         unknown = False
 
         def fake_of(argument: Node) -> Any:
@@ -194,14 +195,7 @@ class ShapeInference(Interpreter):
     @staticmethod
     def _trustworthy(node: Node, error: Exception) -> bool:
         """True when ``error`` would happen on real tensors too, so the user should see it now."""
-        message = str(error)
-        if any(word in message for word in _FAKE_WORDS):
-            return False
-        if node.op == "call_function":
-            module = getattr(node.target, "__module__", "") or ""
-            return module.startswith(("torch", "_operator", "operator", "builtins")) or \
-                node.target in vars(operator).values()
-        return True
+        return not any(word in str(error) for word in _FAKE_WORDS)
 
     # ------------------------------------------------------------------- ops whose meaning depends on the run
     def swap(self, node: Node, args: tuple, kwargs: dict) -> Any:
@@ -228,12 +222,38 @@ class ShapeInference(Interpreter):
 
     @staticmethod
     def alias(value: Any, base: Any) -> bool:
-        """True when the fake ``value`` shares storage with the fake ``base`` (a view of it)."""
-        if isinstance(value, torch.Tensor) and isinstance(base, torch.Tensor):
-            try:
-                return StorageWeakRef(value.untyped_storage()) == StorageWeakRef(base.untyped_storage())
-            except (RuntimeError, NotImplementedError):
-                return False
-        if isinstance(value, (tuple, list)) and value and isinstance(base, torch.Tensor):
-            return any(ShapeInference.alias(item, base) for item in value)
-        return False
+        """True when the fake ``value`` shares storage with ``base`` or with a tensor inside it (a view, or an
+        element of a module's ``(args, kwargs)`` or tuple output)."""
+        base_storages = {_storage(tensor) for tensor in _tensors(base)} - {None}
+        return any(_storage(tensor) in base_storages for tensor in _tensors(value))
+
+
+_PURE_BUILTINS = frozenset({getattr, len, abs, min, max, sum, round, divmod, pow, isinstance, tuple, list, dict,
+                            slice, range, zip, sorted, reversed, enumerate, int, float})
+
+
+def _library_function(function: Any) -> bool:
+    """Functions of torch and ``operator`` and pure builtins: free of side effects, safe to run on fake values."""
+    if function in _PURE_BUILTINS:
+        return True
+    module = getattr(function, "__module__", None) or getattr(getattr(function, "__objclass__", None),
+                                                             "__module__", "") or ""
+    return module.startswith(("torch", "_operator", "operator")) or \
+        getattr(function, "__self__", None) is torch._C._VariableFunctions
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in _tensors(item)]
+    if isinstance(value, dict):
+        return [tensor for item in value.values() for tensor in _tensors(item)]
+    return []
+
+
+def _storage(tensor: torch.Tensor) -> StorageWeakRef | None:
+    try:
+        return StorageWeakRef(tensor.untyped_storage())
+    except (RuntimeError, NotImplementedError):
+        return None
