@@ -40,12 +40,15 @@ class Session:
     Attributes:
         tracers: the recorded traces, in order.
         status: ``"open"`` while recording, ``"done"`` after a successful run, ``"failed"`` after a failed one.
+        building: the trace of this session whose block is open now, if any. ``h * 2`` on a value ``h`` of an
+            earlier (recorded) trace becomes a node of this trace, reading ``h`` through a bridge.
     """
 
     def __init__(self) -> None:
         self.tracers: list[Any] = []
         self.status = "open"
         self.values: dict[tuple[int, int], Any] = {}
+        self.building: Any = None  # the trace whose block is open: operations on earlier traces' values go there
         self._tokens: list[contextvars.Token] = []
 
     # -------------------------------------------------------------------------------------------- block

@@ -104,6 +104,8 @@ class Tracer:
     # ------------------------------------------------------------------------------------------ the block
     def __enter__(self) -> "Tracer":
         self.model._enter_tracer(self)
+        if self.session is not None:
+            self.session.building = self
         try:
             if self._implicit is not None:
                 self._open_invoke(*self._implicit)
@@ -118,6 +120,8 @@ class Tracer:
         if self._implicit is not None and self._in_invoke:
             self._close_invoke()
         self.model._exit_tracer(self)
+        if self.session is not None and self.session.building is self:
+            self.session.building = None
         if exc_type is not None:
             self._detach(None)
             self.status = FAILED
@@ -141,6 +145,10 @@ class Tracer:
                      fake: Any = None, after: tuple = (), location: tuple[str, int] | None = None) -> Proxy:
         """Create a node from proxies and plain values (at the user's line) and return its proxy."""
         if self.status != BUILDING:
+            building = self.session.building if self.session is not None else None
+            if building is not None and building is not self:  # an earlier trace's value used in a later trace
+                return building.create_proxy(op, target, args, kwargs, meta=meta, fake=fake, after=after,
+                                             location=location)
             raise RuntimeError("this trace has already run; operations on its values belong inside the trace, or "
                                "use `.value` of saved results after it")
         filename, lineno = location or user_location()
@@ -243,7 +251,7 @@ class Tracer:
     def _merge_values(self, condition: Proxy, start: dict, then: dict, otherwise: dict) -> None:
         """After a condition: each module value assigned in a branch is the branch's value if it ran."""
         for key in {**then, **otherwise}:
-            base = start.get(key) or self._original(key)
+            base = start[key] if key in start else self._original(key)
             self._values[key] = self.create_proxy(
                 "merge", None, (condition, then.get(key, base), otherwise.get(key, base)), {})
 
@@ -336,11 +344,11 @@ class Tracer:
     def _open_invoke(self, inputs: tuple, kwargs: dict) -> int | None:
         if self.status != BUILDING:
             raise RuntimeError("this trace has already run: open invokes inside its `with` block")
-        if self._in_invoke:
-            raise RuntimeError("invokes cannot be nested: close the current `with tracer.invoke(...)` first")
         if self._implicit is not None and self.invokes:
             raise RuntimeError("this trace was given its input directly; use `with model.trace() as tracer:` "
                                "and one `tracer.invoke(input)` per input to batch several inputs")
+        if self._in_invoke:
+            raise RuntimeError("invokes cannot be nested: close the current `with tracer.invoke(...)` first")
         self._in_invoke = True
         if not inputs and not kwargs:
             self._current_invoke = None  # an invoke without input sees the whole batch

@@ -97,6 +97,7 @@ class Execution(Interpreter):
         self.finalized = [False] * len(graph.sections)
         self.steps_run: set[int] = set()
         self.stopped_by: int | None = None
+        self.failed_at: int | None = None  # the node whose operation raised, for live views
 
     # ------------------------------------------------------------------------------------------- life cycle
     def start(self) -> None:
@@ -182,6 +183,7 @@ class Execution(Interpreter):
             self.stopped_by = index
             raise
         except Exception as error:
+            self.failed_at = index
             raise annotate(error, node)
         self._set(index, value)
         self._release_dependencies(node)

@@ -36,9 +36,11 @@ arguments. ``saved`` marks a node whose value outlives the run (``proxy.save()``
 
 from __future__ import annotations
 
+import io
 import linecache
 import operator
 import os
+import tokenize
 from typing import Any, Callable, Iterable, Iterator
 
 ENTRY_OPS = frozenset({"module_output", "module_inputs", "grad", "result", "bridge", "iteration"})
@@ -118,8 +120,17 @@ class Node:
 
     @property
     def source_line(self) -> str:
-        """The text of the user's line that created the node, if it can be found."""
-        return linecache.getline(self.filename, self.lineno).strip() if self.filename else ""
+        """The code on the user's line that created the node (without a trailing comment), if it can be found."""
+        text = linecache.getline(self.filename, self.lineno).strip() if self.filename else ""
+        if "#" not in text:
+            return text
+        try:
+            for token in tokenize.generate_tokens(io.StringIO(text).readline):
+                if token.type == tokenize.COMMENT:
+                    return text[:token.start[1]].rstrip()
+        except (tokenize.TokenError, SyntaxError):
+            pass
+        return text
 
     def describe(self) -> str:
         """A short, readable description: ``model.layers[5].output``, ``setitem``, ``x.sum()``."""
