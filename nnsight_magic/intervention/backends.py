@@ -79,16 +79,17 @@ def run_trace(tracer: Tracer, bridges: dict[int, Any] | None = None, keep: froze
     error: BaseException | None = None
     try:
         grad_mode = torch.enable_grad() if tracer.needs_grad else torch.no_grad()
-        with Interleaver(execution, model._module, groups, prepared.batch_size), grad_mode:
+        with Interleaver(execution, model._module, groups, prepared.batch_size, model._submodule), grad_mode:
             try:
                 for index, value in (bridges or {}).items():
                     execution.deliver(index, value)
                 execution.start()
                 execution.run_ready()
                 result = model._run(prepared, tracer.run_options)
-                for node in tracer.graph.nodes:
-                    if node.op == "result":
-                        execution.deliver(node.index, result)
+                nodes = tracer.graph.nodes
+                for index in tracer.graph.entry_indices:
+                    if nodes[index].op == "result":
+                        execution.deliver(index, result)
                 execution.run_ready()
             except EarlyStop:
                 pass

@@ -120,6 +120,9 @@ def concatenate_batches(values: list[Any]) -> Any:
 
 def batch_size_of(value: Any) -> int:
     """The first dimension of the first tensor in ``value`` (1 when there is none)."""
+    if type(value) is tuple and value and type(value[0]) is tuple and value[0] and \
+            type(value[0][0]) is torch.Tensor and value[0][0].dim():
+        return value[0][0].shape[0]  # the common case: (args, kwargs) whose first argument is a tensor
     if isinstance(value, torch.Tensor):
         return value.shape[0] if value.dim() else 1
     if isinstance(value, (tuple, list)):

@@ -110,9 +110,10 @@ class Interleaver:
     """
 
     def __init__(self, execution: ModelExecution, root: torch.nn.Module, groups: list[tuple[int, int]],
-                 batch_size: int):
+                 batch_size: int, find_module: Callable[[str], torch.nn.Module] | None = None):
         self.execution = execution
         self.root = root
+        self.find_module = find_module or (lambda path: root.get_submodule(path) if path else root)
         self.batch_size = batch_size
         self.paused = 0
         self.step = 0
@@ -120,25 +121,25 @@ class Interleaver:
         self.counts: dict[int, int] = {}
         self.handles: list[Any] = []
         graph = execution.graph
+        nodes = graph.nodes
         whole_batch = len(groups) <= 1
         self.tables: dict[tuple[str, str], dict[int, list[EntryPoint]]] = {}
         self.steps_matter = bool(graph.sections)
-        for node in graph.nodes:
+        for index in graph.entry_indices:
+            node = nodes[index]
             kind = _VALUE_KIND.get(node.op)
             if kind is None:
                 continue
             invoke = node.meta.get("invoke")
-            group = None if invoke is None or whole_batch else groups[invoke]
-            point = EntryPoint(node, group)
+            point = EntryPoint(node, None if invoke is None or whole_batch else groups[invoke])
             self.steps_matter = self.steps_matter or point.step != 0
             self.tables.setdefault((node.target, kind), {}).setdefault(point.call, []).append(point)
         self.writes_on: dict[int, list[int]] = {}
         for write, root_index in graph.writes.items():
-            if graph.nodes[root_index].is_entry:
+            if nodes[root_index].is_entry:
                 self.writes_on.setdefault(root_index, []).append(write)
-        for node in graph.nodes:
-            if node.op == "swap":
-                self.writes_on.setdefault(node.args[0].index, []).append(node.index)
+        for index in graph.swap_indices:
+            self.writes_on.setdefault(nodes[index].args[0].index, []).append(index)
         execution.interleaver = self
 
     # -------------------------------------------------------------------------------------------- hooks
@@ -149,7 +150,7 @@ class Interleaver:
                 self.handles.append(root.register_forward_pre_hook(self._begin_step, prepend=True))
             by_module: dict[int, tuple[torch.nn.Module, dict, dict]] = {}
             for (path, kind), table in self.tables.items():
-                module = root.get_submodule(path) if path else root
+                module = self.find_module(path)
                 _, outputs, inputs = by_module.setdefault(id(module), (module, {}, {}))
                 merged = outputs if kind == "output" else inputs
                 for call, points in table.items():
@@ -240,8 +241,10 @@ class Interleaver:
 
     def _finish_round(self, points: list[EntryPoint], current: Any, replaced: bool) -> tuple[Any, bool]:
         self.execution.run_ready()
-        self.check_writes(point.index for point in points)
+        self.check_writes([point.index for point in points])
         swaps = self.execution.swaps
+        if not swaps:
+            return current, replaced
         replacements = [(point.group or (0, self.batch_size), swaps.pop(point.index))
                         for point in points if point.index in swaps]
         if not replacements:
@@ -255,6 +258,8 @@ class Interleaver:
     # ------------------------------------------------------------------------------------- order check
     def check_writes(self, entries: Any) -> None:
         """Every edit of a value the model just produced must have happened before the model moves on."""
+        if not self.writes_on:
+            return
         state = self.execution.state
         for entry in entries:
             for write in self.writes_on.get(entry, ()):

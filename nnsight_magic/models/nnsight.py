@@ -157,14 +157,30 @@ class NNsight(Envoy):
         return scan
 
     def _on_accelerator(self) -> bool:
-        parameter = next(self._module.parameters(), None)
+        parameter = self._first_parameter()
         return parameter is not None and parameter.device.type != "cpu"
+
+    def _first_parameter(self) -> torch.nn.Parameter | None:
+        """The model's first parameter (kept: ``module.to(...)`` moves a parameter's data, not the parameter)."""
+        cached = self.__dict__.get("_parameter_cache")
+        if cached is None or cached[0] is not self._module:
+            cached = (self._module, next(self._module.parameters(), None))
+            object.__setattr__(self, "_parameter_cache", cached)
+        return cached[1]
+
+    def _submodule(self, path: str) -> torch.nn.Module:
+        """The module at a dotted path, looked up afresh each run (a child may have been replaced)."""
+        module = self._module
+        if path:
+            for name in path.split("."):
+                module = module._modules[name]
+        return module
 
     # ---------------------------------------------------------------------------------------- conveniences
     @property
     def device(self) -> torch.device:
         """The device of the model's first parameter (CPU for a model without parameters)."""
-        parameter = next(self._module.parameters(), None)
+        parameter = self._first_parameter()
         return parameter.device if parameter is not None else torch.device("cpu")
 
     def to(self, *args: Any, **kwargs: Any) -> "NNsight":

@@ -46,6 +46,21 @@ _VIEW_METHODS = frozenset({
 })
 
 
+def _dependency_indices(args: tuple, kwargs: dict) -> tuple[int, ...]:
+    """Indices of the nodes in ``args`` and ``kwargs``, in order, without repeats (flat arguments are fast)."""
+    found: list[int] = []
+    for value in args:
+        if type(value) is Node:
+            if value.index not in found:
+                found.append(value.index)
+        elif isinstance(value, (tuple, list, dict, slice)):
+            found.extend(index for index in dict.fromkeys(each.index for each in iter_nodes(value))
+                         if index not in found)
+    if kwargs:
+        found.extend(index for index in dict.fromkeys(each.index for each in iter_nodes(kwargs)) if index not in found)
+    return tuple(found)
+
+
 def written_node(node: Node) -> int | None:
     """The index of the node whose value ``node`` edits in place (setitem, ``add_``, ``+=``, ``append``), or None."""
     if not node.args or not isinstance(node.args[0], Node):
@@ -166,6 +181,7 @@ class Graph:
         shape_inference: an object with ``infer(node) -> fake`` and ``alias(node) -> index | None``, set while
             shapes are being checked; ``None`` when the trace runs with ``validate=False``.
         writes: for each node that edits a value in place, the index of the node whose storage it edits.
+        entry_indices, swap_indices: the entry nodes and the assignments, in creation order.
     """
 
     def __init__(self, shape_inference: Any = None):
@@ -173,6 +189,8 @@ class Graph:
         self.sections: list[Section] = []
         self.shape_inference = shape_inference
         self.writes: dict[int, int] = {}
+        self.entry_indices: list[int] = []
+        self.swap_indices: list[int] = []
         self._section_stack: list[int] = []
         self._branch_stack: list[tuple[int, bool]] = []
         self._stop: int | None = None
@@ -193,26 +211,34 @@ class Graph:
         if meta:
             node.meta.update(meta)
         node.section = self._section_stack[-1] if self._section_stack else None
-        data = list(dict.fromkeys(dependency.index for dependency in iter_nodes((node.args, node.kwargs))))
-        node.data_dependencies = tuple(data)
+        data = _dependency_indices(node.args, node.kwargs)
+        node.data_dependencies = data
+        is_entry = node.is_entry
         if self.shape_inference is not None:
-            node.fake = fake if node.is_entry else self.shape_inference.infer(node)
+            node.fake = fake if is_entry else self.shape_inference.infer(node)
         elif fake is not None:
             node.fake = fake
-        node.alias = self._alias(node)
-        control: list[int] = []
-        if not node.is_entry:
+        if is_entry:
+            control: list[int] = list(after)
+            if data:
+                control.extend(self._ordering_edges(node))
+            self.entry_indices.append(node.index)
+        else:
+            node.alias = self._alias(node)
+            control = list(after)
             if self._branch_stack:
                 node.branch = self._branch_stack[-1]
                 control.append(node.branch[0])
             if self._stop is not None:
                 control.append(self._stop)
-        control.extend(after)
-        control.extend(self._ordering_edges(node))
-        node.dependencies = tuple(sorted(set(data) | set(control)))
+            control.extend(self._ordering_edges(node))
+            if op == "swap":
+                self.swap_indices.append(node.index)
+        node.dependencies = tuple(sorted(set(data).union(control))) if control else data
         self.nodes.append(node)
+        nodes = self.nodes
         for dependency in node.dependencies:
-            self.nodes[dependency].listeners.append(node.index)
+            nodes[dependency].listeners.append(node.index)
         if node.section is not None:
             self.sections[node.section].nodes.append(node.index)
         if op == "stop":
@@ -242,6 +268,8 @@ class Graph:
 
     def _ordering_edges(self, node: Node) -> list[int]:
         """Read/write ordering edges for ``node`` (see the module docstring) and the bookkeeping behind them."""
+        if not node.data_dependencies:
+            return []
         edges: list[int] = []
         read_roots = list(dict.fromkeys(self.nodes[index].storage_root for index in node.data_dependencies))
         written = written_node(node)
