@@ -14,6 +14,8 @@ In [4]: h.value
 """
 
 from .errors import OutOfOrderError
+from .models.embedded import load_embedded_model
+from .models.language import LanguageModel
 from .models.nnsight import NNsight
 
 
@@ -29,4 +31,5 @@ def unload_ipython_extension(ipython):
     unload(ipython)
 
 
-__all__ = ["NNsight", "OutOfOrderError", "load_ipython_extension", "unload_ipython_extension"]
+__all__ = ["LanguageModel", "NNsight", "OutOfOrderError", "load_embedded_model", "load_ipython_extension",
+           "unload_ipython_extension"]

@@ -9,6 +9,8 @@ import torch
 
 from nnsight_magic import NNsight
 
+pytest_plugins = ["language_fixtures"]  # tiny GPT-2 / Llama models with the real GPT-2 tokenizer
+
 
 def make_tiny() -> torch.nn.Sequential:
     """The two-layer model nnsight's own tests use: Linear(5, 10) then Linear(10, 2)."""

@@ -91,7 +91,8 @@ class Session:
         if bridge is None:
             node = proxy.node
             label = f"{node.describe()} ({node.location})" if node.lineno else node.describe()
-            bridge = tracer.create_proxy("bridge", key, (), {}, fake=node.fake, meta={"label": label})
+            with tracer.graph.outside_sections():  # first read inside tracer.iter[...]: still delivered once
+                bridge = tracer.create_proxy("bridge", key, (), {}, fake=node.fake, meta={"label": label})
             tracer._bridges[key] = bridge
         return bridge
 

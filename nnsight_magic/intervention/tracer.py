@@ -217,7 +217,9 @@ class Tracer:
         if entry is None:
             op = "module_output" if kind == "output" else "module_inputs"
             meta = {"call": call, "step": step or 0, "invoke": invoke}
-            entry = self.create_proxy(op, path, (), {}, meta=meta, fake=self._entry_fake(op, path, call, invoke))
+            first_step = step if section is None else self.graph.sections[section].steps.first
+            entry = self.create_proxy(op, path, (), {}, meta=meta,
+                                      fake=self._entry_fake(op, path, call, invoke, first_step))
             self._entries[key] = entry
         return entry
 
@@ -367,19 +369,21 @@ class Tracer:
             return 0 if invoke is None else invoke
         return ("batch", len(self.invokes))
 
-    def _scan(self, invoke: int | None) -> ModuleScan | None:
+    def _scan(self, invoke: int | None, step: int = 0) -> ModuleScan | None:
+        """The scan of ``invoke``'s input (``None``: the whole batch) at generation step ``step``."""
         key = self._scan_key(invoke)
-        if key not in self._scans:
+        slot = (key, step) if step else key
+        if slot not in self._scans:
             if not self.invokes:
                 return None
             prepared = self.invokes[key] if isinstance(key, int) else self.model._batch_inputs(self.invokes)[0]
-            self._scans[key] = self.model._scan(prepared, self.run_options)
-        return self._scans[key]
+            self._scans[slot] = self.model._scan(prepared, self.run_options, step)
+        return self._scans[slot]
 
-    def _entry_fake(self, op: str, path: str, call: int, invoke: int | None) -> Any:
+    def _entry_fake(self, op: str, path: str, call: int, invoke: int | None, step: int = 0) -> Any:
         if not self.validate:
             return None
-        scan = self._scan(invoke)
+        scan = self._scan(invoke, step)
         if scan is None:
             return None
         return scan.output(path, call) if op == "module_output" else scan.input(path, call)
@@ -405,7 +409,9 @@ class Tracer:
                     node.fake = self.graph.shape_inference.infer(node)
 
     def _final_entry_fake(self, node: Node) -> Any:
-        scan = self._scan(None)
+        section = node.section
+        step = node.meta.get("step", 0) if section is None else self.graph.sections[section].steps.first
+        scan = self._scan(None, step)
         if scan is None:
             return None
         path, call = node.target, node.meta.get("call", 0)

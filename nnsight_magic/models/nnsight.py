@@ -135,8 +135,12 @@ class NNsight(Envoy):
         """The callable a fake-tensor scan runs: one forward pass."""
         return self._module
 
-    def _scan(self, prepared: PreparedInput, options: dict) -> ModuleScan | None:
-        """The fake-tensor scan for this input signature (cached), or ``None`` when the model cannot be scanned."""
+    def _scan(self, prepared: PreparedInput, options: dict, step: int = 0) -> ModuleScan | None:
+        """The fake-tensor scan for this input signature (cached), or ``None`` when the model cannot be scanned.
+
+        ``step`` is the generation step whose module calls are wanted; one forward pass has only step 0, so the
+        default ignores it (``LanguageModel`` scans a decoding step for steps after the first).
+        """
         key = (_signature(prepared.args), _signature(prepared.kwargs), _signature(options))
         cache = self._scan_cache
         if key in cache:

@@ -266,17 +266,22 @@ class Execution(Interpreter):
         """Reset a block's nodes for a new step and queue those that wait for nothing inside it."""
         self.armed[section_index] = True
         nodes, state = self.nodes, self.state
-        for index in self.graph.sections[section_index].nodes:
+        section_nodes = self.graph.sections[section_index].nodes
+        for index in section_nodes:
             node = nodes[index]
             state[index] = PENDING
             self.values[index] = None
             self.waiting[index] = sum(1 for dependency in node.dependencies
                                       if nodes[dependency].section == section_index or state[dependency] == PENDING)
             self.readers[index] = self.readers_total[index]
-            if node.op == "iteration":
+        # every count is reset before the step number is delivered, so its readers' counts are not reset after it
+        free = [index for index in section_nodes
+                if not self.waiting[index] and not nodes[index].is_entry and nodes[index].op != "iteration"]
+        for index in section_nodes:
+            if nodes[index].op == "iteration":
                 self.deliver(index, self.step)
-            elif not self.waiting[index] and not node.is_entry:
-                heapq.heappush(self.ready, index)
+        for index in free:
+            heapq.heappush(self.ready, index)
 
     def _finalize(self, section_index: int) -> None:
         """A block ran its last step: readers after it see the last values; inputs from before it are freed."""

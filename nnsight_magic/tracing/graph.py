@@ -313,6 +313,15 @@ class Graph:
             self._section_stack.pop()
 
     @contextlib.contextmanager
+    def outside_sections(self) -> Iterator[None]:
+        """Create nodes outside every iteration block: values that exist once per run (a session's bridges)."""
+        stack, self._section_stack = self._section_stack, []
+        try:
+            yield
+        finally:
+            self._section_stack = stack
+
+    @contextlib.contextmanager
     def branch(self, cond: Node, taken_when: bool) -> Iterator[None]:
         """Nodes created inside this block run only if ``cond``'s value is ``taken_when``."""
         if cond.op != "cond":
