@@ -25,6 +25,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from nnsight_magic.models.embedded import gpt2_tokenizer, load_embedded_model
 from nnsight_magic.models.language import LanguageModel
 
+from conftest import hook_count, weights  # noqa: F401  (re-exported for the language tests)
+
 GPT2_VOCAB, END_OF_TEXT = 50257, 50256
 CONTEXT = 128  # small on purpose: "longer than the context" tests need only a few hundred tokens
 PROMPTS = ["Hello world", "The Eiffel Tower is located in the city of", "A B C"]
@@ -112,16 +114,6 @@ def left_padded(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor
 def hf_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids as HF ``generate`` derives them from a left-padded attention mask."""
     return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-
-
-def hook_count(module: torch.nn.Module) -> int:
-    """Every forward hook and pre-hook registered anywhere in ``module``."""
-    return sum(len(each._forward_hooks) + len(each._forward_pre_hooks) + len(each._forward_hooks_with_kwargs)
-               for each in module.modules())
-
-
-def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: value.detach().clone() for name, value in module.state_dict().items()}
 
 
 def assert_weights_equal(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
