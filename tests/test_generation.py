@@ -314,3 +314,24 @@ def test_the_prompt_and_new_tokens_must_fit_the_context(gpt2_lm, tiny_gpt2):
     assert "the prompt has 118 tokens and max_new_tokens=20" in str(caught.value)
     assert f"lower max_new_tokens to {CONTEXT - 118}" in str(caught.value)
     assert hook_count(tiny_gpt2) == 0
+
+
+def test_a_persistent_edit_reaches_every_generation_step(gpt2_lm):
+    """`edited.all()` in an edit: the change applies at every step of every later generation."""
+    prompt = "The Eiffel Tower is in"
+    with gpt2_lm.edit() as edited:
+        with edited.all():
+            edited.transformer.h[0].output[:] *= 0.0
+    with edited.generate(prompt, max_new_tokens=3) as tracer:
+        tokens = tracer.result.save()
+    hf = gpt2_lm._module
+    handle = hf.transformer.h[0].register_forward_hook(lambda module, args, output: output * 0.0)
+    try:
+        ids = gpt2_lm.tokenizer(prompt, return_tensors="pt")
+        expected = hf.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=END_OF_TEXT)
+    finally:
+        handle.remove()
+    assert torch.equal(tokens.value, expected)
+    with gpt2_lm.generate(prompt, max_new_tokens=3) as tracer:
+        plain = tracer.result.save()
+    assert not torch.equal(plain.value, expected)

@@ -82,6 +82,19 @@ class NNsight(Envoy):
         """Interventions that apply to every later trace: of a copy of this model (default) or of this model."""
         return EditTracer(self if inplace else self._edited_copy())
 
+    def all(self) -> Any:
+        """``tracer.all()`` of the open trace or edit: a block that runs at every generation step.
+
+        In an edit, where the block yields the model rather than a tracer, this is how a persistent change
+        reaches every step: ``with lm.edit() as edited: with edited.all(): edited.model.layers[3].output[:] += v``.
+        """
+        return self._tracer("use .all()").all()
+
+    @property
+    def iter(self) -> Any:
+        """``tracer.iter`` of the open trace or edit: ``with model.iter[1:3]:`` runs at those generation steps."""
+        return self._tracer("use .iter[...]").iter
+
     def clear_edits(self) -> None:
         """Remove every persistent edit of this model."""
         self._edits.clear()
