@@ -1,0 +1,129 @@
+"""A magic cell's body, compiled so that errors and tracebacks show the cell's own lines.
+
+In [2]: %%trace net x
+   ...: h = net.layer1.output[:, 99]
+IndexError: line 2 `h = net.layer1.output[:, 99]`: index 99 is out of bounds for dimension 1 with size 10
+
+The body goes through IPython's input transformers (so ``%time``/``!cmd`` lines work), is parsed with ``ast``,
+numbered as the cell shows it (the magic's line is line 1), rewritten (:mod:`nnsight_magic.magics.rewrite`) and
+compiled under a file name that IPython's line cache maps to the visible cell text. Nothing is run through a
+nested ``run_cell``: the magic ``exec``s the code object in the notebook namespace itself.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import tokenize
+from dataclasses import dataclass
+from types import CodeType
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from ..errors import is_annotated
+from .rewrite import RewrittenCell, rewrite_cell
+
+
+@dataclass
+class CellCode:
+    """A compiled cell body.
+
+    Attributes:
+        code: the code object to ``exec`` in the notebook namespace.
+        filename: the name the line cache knows the visible cell text by.
+        source: the visible cell text (the magic's line, then the body).
+        rewritten: what the rewrite found: top-level names, helper names, whether a last expression is kept.
+    """
+
+    code: CodeType
+    filename: str
+    source: str
+    rewritten: RewrittenCell
+
+
+def compile_cell(shell: Any, header: str, body: str) -> CellCode:
+    """Compile ``body`` of a cell whose first line is ``header`` (``%%trace net x``)."""
+    source = f"{header}\n{body}"
+    number = current_cell_number(shell)
+    filename = shell.compile.cache(source, number, raw_code=source + "\n# nnsight_magic")
+    __tracebackhide__ = True
+    python = shell.input_transformer_manager.transform_cell(body)
+    try:
+        tree = shell.compile.ast_parse(python)
+    except SyntaxError as error:
+        raise _at_cell_line(error, filename, source, shift=1) from None  # the parser counted body lines
+    ast.increment_lineno(tree, 1)
+    try:
+        rewritten = rewrite_cell(tree)
+    except SyntaxError as error:
+        raise _at_cell_line(error, filename, source, shift=0) from None
+    return CellCode(compile(rewritten.tree, filename, "exec", dont_inherit=True), filename, source, rewritten)
+
+
+def _at_cell_line(error: SyntaxError, filename: str, source: str, shift: int) -> SyntaxError:
+    """The same SyntaxError, located in the visible cell (the magic's line is line 1)."""
+    line = (error.lineno or 1) + shift
+    end_line = error.end_lineno + shift if error.end_lineno else None
+    text = (source.splitlines() + [""])[line - 1] + "\n"
+    return type(error)(error.msg, (filename, line, error.offset, text, end_line, error.end_offset))
+
+
+def trim_to_user_code(error: BaseException, filename: str) -> None:
+    """End the traceback of an error that already names the user's line at the cell's innermost frame.
+
+    The frames below it are the engine's (how a shape or run error was found), which the message already
+    summarises; for errors raised while the model ran, only the magic's own frame remains. Errors the engine did
+    not annotate (a bug, an interrupt) keep their whole traceback.
+    """
+    if not is_annotated(error) or error.__traceback__ is None:
+        return
+    keep = error.__traceback__
+    entry = keep.tb_next
+    while entry is not None:
+        if entry.tb_frame.f_code.co_filename == filename:
+            keep = entry
+        entry = entry.tb_next
+    keep.tb_next = None
+
+
+def current_cell_number(shell: Any) -> int:
+    """The execution count of the cell being run, on IPython 8 (counts after a cell) and 9.8+ (before)."""
+    result = getattr(shell.displayhook, "exec_result", None)
+    if result is not None and result.execution_count is not None:
+        return result.execution_count
+    return shell.execution_count
+
+
+def split_arguments(line: str) -> list[str]:
+    """Split a magic line into words, keeping Python expressions whole.
+
+    Words are separated by spaces outside brackets and quotes: ``lm "The Eiffel Tower" ids[:, :5] --scan`` is
+    ``['lm', '"The Eiffel Tower"', 'ids[:, :5]', '--scan']``. Write ``(a + b)`` for an input with spaces.
+    """
+    words: list[str] = []
+    depth = 0
+    start = end = None
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(line.strip()).readline):
+            if token.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER, tokenize.COMMENT,
+                              tokenize.INDENT, tokenize.DEDENT):
+                continue
+            if token.type == tokenize.ERRORTOKEN and not token.string.isspace():
+                raise SyntaxError(f"unexpected {token.string!r} at column {token.start[1] + 1}")
+            column_start, column_end = token.start[1], token.end[1]
+            if start is not None and depth == 0 and column_start > end:
+                words.append(line.strip()[start:end])
+                start = None
+            if start is None:
+                start = column_start
+            end = column_end
+            if token.type == tokenize.OP and token.string in ("(", "[", "{"):
+                depth += 1
+            elif token.type == tokenize.OP and token.string in (")", "]", "}"):
+                depth -= 1
+    except (tokenize.TokenError, SyntaxError) as error:
+        raise UsageError(f"cannot read the magic's arguments `{line.strip()}`: {error}") from None
+    if start is not None:
+        words.append(line.strip()[start:end])
+    return words

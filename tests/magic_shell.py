@@ -1,0 +1,77 @@
+"""An IPython shell with the extension loaded, for driving cells through ``run_cell`` (no kernel).
+
+Import the fixture into a test module with ``from magic_shell import ip``. ``run(ip, source)`` runs one cell as a
+notebook does (input transformers, ``In[N]`` numbering, traceback display) and returns the ``ExecutionResult``;
+``ok(ip, source)`` also fails the test if the cell raised.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from IPython.core.interactiveshell import InteractiveShell
+from traitlets.config import Config
+
+from conftest import make_tiny
+from nnsight_magic import NNsight
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@pytest.fixture
+def ip():
+    config = Config()
+    config.HistoryAccessor.enabled = False
+    shell = InteractiveShell.instance(config=config)
+    shell.run_line_magic("load_ext", "nnsight_magic")
+    shell.run_line_magic("config", "TraceMagics.widget = False")
+    yield shell
+    shell.run_line_magic("unload_ext", "nnsight_magic")
+    InteractiveShell.clear_instance()
+
+
+def run(shell: InteractiveShell, source: str):
+    return shell.run_cell(source, store_history=True)
+
+
+def ok(shell: InteractiveShell, source: str):
+    result = run(shell, source)
+    result.raise_error()
+    return result
+
+
+def plain(text: str) -> str:
+    """Printed text without terminal colours."""
+    return _ANSI.sub("", text)
+
+
+def module_values(module: torch.nn.Module, x: torch.Tensor, edits: dict | None = None) -> dict[str, torch.Tensor]:
+    """Ground truth with plain PyTorch hooks: each child's output (after ``edits[name](output)``) and the output."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, child in module.named_children():
+        def hook(_module, _inputs, output, name=name):
+            if edits and name in edits:
+                output = edits[name](output.clone())
+            seen[name] = output
+            return output
+        handles.append(child.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            seen["output"] = module(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def with_net(shell: InteractiveShell, x: torch.Tensor | None = None) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Put ``net`` (an NNsight of the tiny model), ``x`` (3×5) and ``torch`` into the notebook namespace."""
+    module = make_tiny()
+    if x is None:
+        torch.manual_seed(1)
+        x = torch.rand(3, 5)
+    shell.user_ns.update(net=NNsight(module), x=x, torch=torch)
+    return module, x
