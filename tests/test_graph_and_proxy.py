@@ -186,3 +186,12 @@ def test_display_probes_do_not_create_nodes(net, x):
 def test_wrapping_something_that_is_not_a_module_fails_clearly():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         NNsight(lambda x: x)
+
+
+def test_an_attribute_names_the_line_where_it_was_written(net, x):
+    with net.trace(x) as tracer:
+        pair = (net.layer1.output.T, 1)            # the node is made later, when it is first used
+        line = pair[0]._location[1]
+        (pair[0] * 2).save()
+    getattr_node = next(node for node in tracer.graph.nodes if node.op == "getattr")
+    assert getattr_node.lineno == line and getattr_node.source_line.startswith("pair = (net.layer1.output.T, 1)")

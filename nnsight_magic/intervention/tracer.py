@@ -261,14 +261,16 @@ class Tracer:
     def save(self, proxy: Proxy) -> None:
         proxy.node.saved = True
 
-    def call_method(self, proxy: Proxy, name: str, args: tuple, kwargs: dict) -> Proxy:
+    def call_method(self, proxy: Proxy, name: str, args: tuple, kwargs: dict,
+                    location: tuple[str, int] | None = None) -> Proxy:
+        """``proxy.name(*args, **kwargs)``; ``.backward()`` also numbers the backward pass for ``.grad``."""
         if name != "backward":
-            return self.create_proxy("call_method", name, (proxy, *args), kwargs)
+            return self.create_proxy("call_method", name, (proxy, *args), kwargs, location=location)
         index = self._backward_count
         self._backward_count += 1
         targets = tuple(grad.node.args[0].index for (_, backward), grad in self._grads.items() if backward == index)
         return self.create_proxy("call_method", name, (proxy, *args), kwargs, meta={"backward": index},
-                                 after=targets)
+                                 after=targets, location=location)
 
     def grad_of(self, proxy: Proxy) -> Proxy:
         """``proxy.grad``: the gradient of ``proxy`` in the next ``.backward()`` (or its assigned value)."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..errors import user_location
 from .node import Node, describe_fake
 
 _NOT_SET = object()
@@ -205,10 +206,11 @@ class Attribute(Proxy):
     """``proxy.name`` before we know whether it is read (``x.logits``) or called (``x.sum()``).
 
     The node is created on first use: a ``call_method`` node when called, a ``getattr`` node otherwise, so
-    ``x.sum()`` is one node, not two (torch.fx does the same).
+    ``x.sum()`` is one node, not two (torch.fx does the same). Either way the node names the line where the
+    attribute was written, even if its first use is elsewhere (``pair = (out.logits, h)``, saved later).
     """
 
-    __slots__ = ("_parent", "_name")
+    __slots__ = ("_parent", "_name", "_location")
 
     def __init__(self, parent: Proxy, name: str):
         object.__setattr__(self, "_parent", parent)
@@ -216,16 +218,19 @@ class Attribute(Proxy):
         object.__setattr__(self, "_tracer", parent._tracer)
         object.__setattr__(self, "_value", _NOT_SET)
         object.__setattr__(self, "_node", None)
+        object.__setattr__(self, "_location", user_location())
 
     @property
     def node(self) -> Node:
         if self._node is None:
-            proxy = self._parent._create("getattr", self._name, (self._parent,))
+            proxy = self._parent._builder("read an attribute of").create_proxy(
+                "getattr", self._name, (self._parent,), {}, location=self._location)
             object.__setattr__(self, "_node", proxy.node)
         return self._node
 
     def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
-        return self._parent._builder("call a method of").call_method(self._parent, self._name, args, kwargs)
+        return self._parent._builder("call a method of").call_method(self._parent, self._name, args, kwargs,
+                                                                     location=self._location)
 
 
 def _first_proxy(value: Any) -> Proxy:
