@@ -35,7 +35,7 @@ from ..intervention.tracer import Tracer
 from ..tracing.shapes import ModuleScan
 from .generation import GENERATE, GenerationTracer, decode_step_scan, first_step_runner, generation_options, \
     hf_generate_kwargs, user_line
-from .nnsight import _SCAN_CACHE_SIZE as SCAN_CACHE_SIZE, NNsight, PreparedInput, _signature
+from .nnsight import SCAN_CACHE_SIZE, NNsight, PreparedInput, input_signature
 
 INPUT_KEYWORDS = ("input_ids", "attention_mask")
 DEFAULT_NEW_TOKENS = 20
@@ -161,21 +161,13 @@ class LanguageModel(NNsight):
                             "tokenizer= when you create it, or give token ids")
         return torch.tensor(self._tokenizer(text)["input_ids"], dtype=torch.long)
 
-    def _batch_inputs(self, prepared: list[PreparedInput]) -> tuple[PreparedInput, list[tuple[int, int]]]:
-        """Every invoke's prompts in one batch, left-padded to the longest; each invoke's ``(start, rows)``."""
-        if not prepared:
-            raise ValueError("this trace has no input")
-        groups, start = [], 0
-        for each in prepared:
-            groups.append((start, each.batch_size))
-            start += each.batch_size
-        if len(prepared) == 1:
-            return prepared[0], groups
+    def _join_inputs(self, prepared: list[PreparedInput], rows: int) -> PreparedInput:
+        """Every invoke's prompts in one batch, left-padded to the longest prompt."""
         width = max(each.kwargs["input_ids"].shape[1] for each in prepared)
         pad = self._pad_token_id()
         input_ids = torch.cat([_pad_left(each.kwargs["input_ids"], width, pad) for each in prepared])
         attention_mask = torch.cat([_pad_left(each.kwargs["attention_mask"], width, 0) for each in prepared])
-        return PreparedInput((), {"input_ids": input_ids, "attention_mask": attention_mask}, start), groups
+        return PreparedInput((), {"input_ids": input_ids, "attention_mask": attention_mask}, rows)
 
     def _run(self, prepared: PreparedInput, options: dict) -> Any:
         """One forward pass, or HF ``generate`` when ``options`` come from :meth:`generate`."""
@@ -189,7 +181,7 @@ class LanguageModel(NNsight):
         """The prompt's scan; for generation steps after the first, a decoding step's scan (both cached)."""
         if not step or not options.get(GENERATE):
             return super()._scan(prepared, options)
-        key = ("decoding step", _signature(prepared.kwargs), _signature(options))
+        key = ("decoding step", input_signature(prepared.kwargs), input_signature(options))
         cache = self._scan_cache
         if key not in cache:
             cache[key] = decode_step_scan(self._module, self._forward, self._forward_parameters, prepared.kwargs)

@@ -11,7 +11,7 @@ Out[4]: (torch.Size([1, 10]), tensor([0.]))
 
 ``net`` is the root :class:`~nnsight_magic.intervention.envoy.Envoy`: attribute access mirrors the module's
 children, and calling it outside a trace calls the module. Subclasses (``LanguageModel``) change how inputs are
-prepared, batched and run by overriding ``_prepare_input``, ``_batch_inputs`` and ``_run``.
+prepared, joined into one batch and run by overriding ``_prepare_input``, ``_join_inputs`` and ``_run``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..intervention.session import Session
 from ..intervention.tracer import Tracer
 from ..tracing.shapes import ModuleScan, ScanFailed
 
-_SCAN_CACHE_SIZE = 8
+SCAN_CACHE_SIZE = 8
 
 
 @dataclass
@@ -133,12 +133,16 @@ class NNsight(Envoy):
             start += each.batch_size
         if len(prepared) == 1:
             return prepared[0], groups
+        return self._join_inputs(prepared, start), groups
+
+    def _join_inputs(self, prepared: list[PreparedInput], rows: int) -> PreparedInput:
+        """Several invokes' inputs as one input of ``rows`` rows: tensors concatenated, other arguments equal."""
         if len({(len(each.args), tuple(each.kwargs)) for each in prepared}) != 1:
             raise ValueError("invokes batched together must pass the same arguments (tensors may differ in rows)")
         args = tuple(concatenate_batches([each.args[position] for each in prepared])
                      for position in range(len(prepared[0].args)))
         kwargs = {key: concatenate_batches([each.kwargs[key] for each in prepared]) for key in prepared[0].kwargs}
-        return PreparedInput(args, kwargs, start), groups
+        return PreparedInput(args, kwargs, rows)
 
     def _run(self, prepared: PreparedInput, options: dict) -> Any:
         """Run the model on a batch (``options`` come from ``trace``/``generate``)."""
@@ -154,7 +158,7 @@ class NNsight(Envoy):
         ``step`` is the generation step whose module calls are wanted; one forward pass has only step 0, so the
         default ignores it (``LanguageModel`` scans a decoding step for steps after the first).
         """
-        key = (_signature(prepared.args), _signature(prepared.kwargs), _signature(options))
+        key = (input_signature(prepared.args), input_signature(prepared.kwargs), input_signature(options))
         cache = self._scan_cache
         if key in cache:
             cache.move_to_end(key)
@@ -169,7 +173,7 @@ class NNsight(Envoy):
                               stacklevel=4)
             scan = None
         cache[key] = scan
-        if len(cache) > _SCAN_CACHE_SIZE:
+        if len(cache) > SCAN_CACHE_SIZE:
             cache.popitem(last=False)
         return scan
 
@@ -210,14 +214,14 @@ class NNsight(Envoy):
         return f"{type(self).__name__}({self._module!r})"
 
 
-def _signature(value: Any) -> Any:
+def input_signature(value: Any) -> Any:
     """A hashable summary of an input: shapes, dtypes and devices of tensors, and other values themselves."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device.type)
     if isinstance(value, (tuple, list)):
-        return (type(value).__name__,) + tuple(_signature(item) for item in value)
+        return (type(value).__name__,) + tuple(input_signature(item) for item in value)
     if isinstance(value, dict):
-        return ("dict",) + tuple((key, _signature(item)) for key, item in sorted(value.items(), key=lambda kv: str(kv[0])))
+        return ("dict",) + tuple((key, input_signature(item)) for key, item in sorted(value.items(), key=lambda kv: str(kv[0])))
     try:
         hash(value)
         return value
