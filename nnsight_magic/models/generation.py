@@ -22,7 +22,6 @@ padded batch generates without warnings. :class:`GenerationTracer` knows how man
 
 from __future__ import annotations
 
-import linecache
 from typing import Any, Callable
 
 import torch
@@ -31,7 +30,7 @@ from ..errors import user_location
 from ..intervention.contexts import IterationBlock, IterationIndexer
 from ..intervention.tracer import Tracer
 from ..tracing.graph import StepSet
-from ..tracing.node import describe_location
+from ..tracing.node import describe_location, source_text
 from ..tracing.shapes import ModuleScan, ScanFailed
 
 GENERATE = "generate"  # the run option that makes a LanguageModel run ``generate`` instead of one forward pass
@@ -42,7 +41,7 @@ def user_line() -> str:
     filename, lineno = user_location()
     if not lineno:
         return "here"
-    source = linecache.getline(filename, lineno).strip() if filename else ""
+    source = source_text(filename, lineno)
     where = describe_location(filename, lineno)
     return f"{where} `{source}`" if source else where
 

@@ -121,16 +121,7 @@ class Node:
     @property
     def source_line(self) -> str:
         """The code on the user's line that created the node (without a trailing comment), if it can be found."""
-        text = linecache.getline(self.filename, self.lineno).strip() if self.filename else ""
-        if "#" not in text:
-            return text
-        try:
-            for token in tokenize.generate_tokens(io.StringIO(text).readline):
-                if token.type == tokenize.COMMENT:
-                    return text[:token.start[1]].rstrip()
-        except (tokenize.TokenError, SyntaxError):
-            pass
-        return text
+        return source_text(self.filename, self.lineno)
 
     def describe(self) -> str:
         """A short, readable description: ``model.layers[5].output``, ``setitem``, ``x.sum()``."""
@@ -175,6 +166,20 @@ def map_nodes(fn: Callable[[Node], Any], value: Any) -> Any:
 def contains_node(value: Any) -> bool:
     """True if ``value`` holds a ``Node`` anywhere inside it."""
     return next(iter_nodes(value), None) is not None
+
+
+def source_text(filename: str, lineno: int) -> str:
+    """The code on line ``lineno`` of ``filename`` (a file or a notebook cell), without a trailing comment."""
+    text = linecache.getline(filename, lineno).strip() if filename else ""
+    if "#" not in text:
+        return text
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type == tokenize.COMMENT:
+                return text[:token.start[1]].rstrip()
+    except (tokenize.TokenError, SyntaxError):
+        pass
+    return text
 
 
 def describe_location(filename: str, lineno: int) -> str:
