@@ -107,7 +107,7 @@ class TraceMagics(Magics):
         try:
             tracer = self._tracer(model, inputs, args)
             if self.widget and not args.no_widget:
-                self._inspect(tracer)
+                self._inspect(tracer, f"%%trace {line.strip()}")
             namespace[args.tracer] = tracer
             with tracer:
                 with runtime.printing_into(tracer):
@@ -156,10 +156,11 @@ class TraceMagics(Magics):
         return model.trace(*inputs)
 
     @staticmethod
-    def _inspect(tracer: Tracer) -> None:
-        """Show the graph inspector for ``tracer`` (it adds itself to ``tracer.observers``)."""
+    def _inspect(tracer: Tracer, title: str) -> None:
+        """Show the graph inspector for ``tracer`` (it adds itself to ``tracer.observers``), headed by the cell's
+        first line."""
         from ..widgets import GraphInspector
-        GraphInspector(tracer)
+        GraphInspector(tracer, title=title)
 
     # ------------------------------------------------------------------------------------------- %%session
     @magic_arguments(name="%session")

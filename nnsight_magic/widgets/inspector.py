@@ -1,0 +1,272 @@
+"""``GraphInspector``: every traced value's shape before the model runs, its status while it runs, and a summary
+of each saved value after.
+
+In [1]: from nnsight_magic.widgets import GraphInspector
+In [2]: with net.trace(x) as tracer:
+   ...:     GraphInspector(tracer)                  # shows itself as soon as the graph is built
+   ...:     h = net.layer1.output.save()
+   ...:     net.layer2.output[:, 0] = 0
+In [3]: GraphInspector(tracer.graph)                # any graph, drawn as it is: shapes, no statuses
+In [4]: print(GraphInspector(tracer.graph))         # the same as text, in a terminal or a script
+
+Given a tracer, the inspector is one of the tracer's observers (:class:`~nnsight_magic.intervention.backends.
+TraceObserver`). When the graph is built it shows one row per node (cell line, what the node is, shape, dtype)
+before any real compute; while the model runs each row's status moves ``pending → done → freed`` (or ``saved``),
+and generation shows its step on a progress bar; after the run each saved value gets its min/mean/max and a small
+picture. The dependency graph is drawn under the table (click "graph").
+
+Updates to the front end are throttled (:class:`~nnsight_magic.widgets.throttle.Throttle`, ``update_interval``
+seconds apart, with a trailing update), so a long generation sends a few messages a second, not one per node.
+Outside a notebook kernel (a terminal IPython, a script) nothing is drawn: the table is printed as text when the
+graph is built, and the saved values' summaries when the run ends.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+import ipywidgets
+from ipywidgets.widgets.widget_string import HTMLStyle
+from IPython import get_ipython
+from IPython.display import display
+
+from ..intervention.tracer import BUILDING, Tracer
+from ..tracing.execution import DONE, FREED, PENDING, SKIPPED, STATUS_NAMES, Execution
+from ..tracing.graph import Graph, StepSet
+from .graph_view import GraphView
+from .summaries import summarize
+from .table import STYLE, NodeTable, Row, rows_of
+from .throttle import Throttle
+
+_STATE_TEXT = {
+    "building": "building the graph", "running": "running", "done": "done", "failed": "failed",
+    "recorded": "recorded: runs when the session runs", "scanned": "scanned: shapes only, the model did not run",
+    "static": "",
+}
+
+
+_SHARED: dict[str, ipywidgets.Widget] = {}
+
+
+def shared_look() -> dict[str, ipywidgets.Widget]:
+    """One ``Layout`` and one ``HTMLStyle`` for the widgets of every inspector (ipywidgets lets widgets share them).
+
+    Each widget otherwise opens two more comms for its own copies; sharing saves about two thirds of the time it
+    takes to build an inspector. A shared one that was closed (``Widget.close_all()``) is made again.
+    """
+    for name, make in (("layout", ipywidgets.Layout), ("style", HTMLStyle)):
+        if name not in _SHARED or _SHARED[name].comm is None:
+            _SHARED[name] = make()
+    return dict(_SHARED)
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, Notebook, VS Code, Colab), where widgets can be displayed."""
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+class GraphInspector(ipywidgets.VBox):
+    """One row per node of a trace: shape first, then live status, then a summary (see the module docstring).
+
+    Args:
+        source: a :class:`~nnsight_magic.intervention.tracer.Tracer` that is still being built (the inspector
+            follows it live and shows itself when its graph is built), or a :class:`~nnsight_magic.tracing.graph.
+            Graph` (or a finished tracer), shown as it is.
+        title: the header's first words (``%%trace`` could pass its own line).
+        update_interval: the least time, in seconds, between two updates of the front end while the model runs.
+
+    Attributes:
+        rows: the :class:`~nnsight_magic.widgets.table.Row` of each node, as shown.
+        state: ``building``, ``running``, ``done``, ``failed``, ``recorded`` (a session runs it later),
+            ``scanned`` or ``static``.
+        step: the generation step running now (``None`` before the first one).
+        steps_total: how many steps the generation makes, when known.
+        error: ``Type: message`` of the error that ended the run, if it failed.
+        live: the widget with the header, the progress bar and the table: the part that changes while the model
+            runs (one message per update).
+        graph_view: the dependency graph, folded under the table (sent once).
+    """
+
+    def __init__(self, source: Tracer | Graph, *, title: str = "", update_interval: float = 0.1):
+        look = shared_look()
+        self.live = ipywidgets.HTML(**look)
+        self.graph_view = GraphView(folded=True, **look)
+        super().__init__(children=(self.live, self.graph_view), layout=look["layout"])
+        self.add_class("nnsight-inspector")
+        self.title = title
+        self.state = "building"
+        self.step: int | None = None
+        self.steps_total: int | None = None
+        self.error = ""
+        self.details = ""
+        self.elapsed: float | None = None
+        self.table = NodeTable([])
+        self._sections: list[tuple[StepSet, list[int]]] = []
+        self._started = 0.0
+        self._throttle = Throttle(self._render, update_interval)
+        if isinstance(source, Tracer) and source.status == BUILDING:
+            source.observers.append(self)
+            return
+        self._load(source if isinstance(source, Graph) else source.graph, "static")
+        self._render()
+
+    @property
+    def rows(self) -> list[Row]:
+        return self.table.rows
+
+    # ----------------------------------------------------------------------------- TraceObserver
+    def graph_built(self, tracer: Tracer) -> None:
+        """The graph is built and checked: show its rows (shapes, no values yet), before the model runs."""
+        state = "scanned" if tracer.scan_only else "recorded" if tracer.session is not None else "running"
+        self._load(tracer.graph, state)
+        self.details = describe_run(tracer)
+        options = tracer.run_options
+        if options.get("generate") and options.get("max_new_tokens"):
+            self.steps_total = int(options["max_new_tokens"])
+        self._started = time.perf_counter()
+        self._throttle.flush()
+        if in_notebook():
+            display(self)
+        else:
+            print(self.text())
+
+    def node_status(self, index: int, status: int) -> None:
+        """A node's status changed while the model runs (``DONE``, ``FREED``, ``SKIPPED``)."""
+        if self.state != "running":
+            self._begin_run()
+        row = self.table.rows[index]
+        if status == DONE:
+            row.runs += 1
+            row.status = "saved" if row.saved else "done"
+        else:
+            row.status = STATUS_NAMES[status]
+        self._throttle.request()
+
+    def step_started(self, step: int) -> None:
+        """Generation step ``step`` begins: the rows of the iteration blocks that run in it wait again."""
+        if self.state != "running":
+            self._begin_run()
+        self.step = step
+        rows = self.table.rows
+        for steps, members in self._sections:
+            if steps.contains(step):
+                for index in members:
+                    rows[index].status = "pending"
+        self._throttle.request()
+
+    def run_finished(self, tracer: Tracer, execution: Execution, error: BaseException | None) -> None:
+        """The run ended: final statuses, a summary of every saved value, and the error if it failed."""
+        rows = self.table.rows
+        for row in rows:
+            state = execution.state[row.index]
+            if state == DONE:
+                row.status = "saved" if row.saved else "done"
+                if row.saved:
+                    row.summary = summarize(execution.values[row.index])
+                    if not row.shape and row.summary.shape is not None:  # no shapes while building (validate=False)
+                        row.shape, row.dtype = str(row.summary.shape), row.summary.dtype
+            elif state == PENDING:
+                row.status = "not run"
+            elif state in (FREED, SKIPPED):
+                row.status = STATUS_NAMES[state]
+        if error is not None:
+            self.state = "failed"
+            self.error = f"{type(error).__name__}: {error}"
+            if execution.failed_at is not None:
+                rows[execution.failed_at].status = "error"
+                rows[execution.failed_at].error = str(error)
+        else:
+            self.state = "done"
+        self.elapsed = time.perf_counter() - self._started
+        self._throttle.flush()
+        if not in_notebook():
+            print(self.result_text())
+
+    # ------------------------------------------------------------------------------------ text
+    def text(self) -> str:
+        """The header and the table as plain text (what a terminal shows)."""
+        return f"{self._header_text()}\n{self.table.text()}"
+
+    def result_text(self) -> str:
+        """The header and one line per saved value's summary (printed at the end of a run outside notebooks)."""
+        return "\n".join([self._header_text()] + self.table.summary_lines())
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict | None:
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if bundle is not None:
+            bundle["text/plain"] = self.text()
+        return bundle
+
+    def __repr__(self) -> str:
+        count = len(self.rows)
+        return f"<GraphInspector {self.state}: {count} node{'s' if count != 1 else ''}>"
+
+    def __str__(self) -> str:
+        return self.text()  # print(GraphInspector(graph)) in a script prints the table
+
+    # ------------------------------------------------------------------------------- internals
+    def _load(self, graph: Graph, state: str) -> None:
+        self.state = state
+        self.table = NodeTable(rows_of(graph, status="pending" if state in ("running", "recorded") else ""))
+        self._sections = [(section.steps, list(section.nodes)) for section in graph.sections]
+        self.graph_view.show(graph)
+
+    def _begin_run(self) -> None:
+        """A recorded trace starts running (its session runs)."""
+        self.state = "running"
+        self._started = time.perf_counter()
+
+    def _render(self) -> None:
+        """Send the header, the progress bar and the table to the front end (the throttle calls this)."""
+        self.live.value = f"{STYLE}{self._header_html()}{self._progress_html()}{self.table.html()}"
+
+    def _progress_text(self) -> str:
+        rows = self.table.rows
+        if self.state in ("running", "done", "failed"):
+            text = f"{sum(1 for row in rows if row.runs)}/{len(rows)} nodes ran"
+        else:
+            text = f"{len(rows)} node{'s' if len(rows) != 1 else ''}"
+        if self.step is not None and (self.steps_total or self.step > 0):
+            text += f" · step {self.step + 1}{'/' + str(self.steps_total) if self.steps_total else ''}"
+        if self.elapsed is not None:
+            text += f" · {self.elapsed:.2f} s"
+        return text
+
+    def _header_text(self) -> str:
+        parts = [part for part in (self.title, self.details, self._progress_text()) if part]
+        state = _STATE_TEXT[self.state]
+        text = " · ".join(parts) + (f" — {state}" if state else "")
+        return text + (f"\n{self.error}" if self.error else "")
+
+    def _header_html(self) -> str:
+        escape = html.escape
+        parts = [f"<b>{escape(self.title)}</b>" if self.title else "", escape(self.details),
+                 escape(self._progress_text())]
+        state = _STATE_TEXT[self.state]
+        colour = {"running": "#1565c0", "done": "#2e7d32", "failed": "#c62828"}.get(self.state, "#555")
+        badge = f' — <span class="state" style="color:{colour}">{escape(state)}</span>' if state else ""
+        failure = f'<div class="failure">{escape(self.error)}</div>' if self.error else ""
+        step = "" if self.step is None else self.step
+        return (f'<div class="header" data-state="{self.state}" data-step="{step}">'
+                f'{" · ".join(part for part in parts if part)}{badge}</div>{failure}')
+
+    def _progress_html(self) -> str:
+        """A bar of the generation's steps (only when the number of steps is known)."""
+        if not self.steps_total or self.step is None:
+            return ""
+        done = min(self.step + 1, self.steps_total)
+        return (f'<div class="progress" data-step="{done}" data-total="{self.steps_total}"><div class="track">'
+                f'<div class="bar" style="width:{100 * done / self.steps_total:.1f}%"></div></div>'
+                f'step {done}/{self.steps_total}</div>')
+
+
+def describe_run(tracer: Tracer) -> str:
+    """``Sequential · cpu · 2 inputs (3 rows)``: what the trace runs on."""
+    model = tracer.model
+    count = len(tracer.invokes)
+    rows = sum(getattr(invoke, "batch_size", 0) for invoke in tracer.invokes)
+    inputs = f"{count} input{'s' if count != 1 else ''} ({rows} row{'s' if rows != 1 else ''})" if count else ""
+    return " · ".join(part for part in (type(model._module).__name__, str(model.device), inputs) if part)
