@@ -39,8 +39,8 @@ class OutOfOrderError(RuntimeError):
 def annotate(error: BaseException, node: Any) -> BaseException:
     """Put ``node``'s location and source text in front of ``error``'s message; return the same object.
 
-    The exception keeps its type and identity. Errors that carry structured arguments (``KeyError`` and
-    exceptions with several arguments) get a note (PEP 678) instead, so their arguments stay intact.
+    The exception keeps its type and identity. Errors whose message is not simply their one string argument
+    (``KeyError``, ``OSError(errno, text)``) get a note (PEP 678) instead, so their arguments stay intact.
     """
     if getattr(error, _LOCATED, False):
         return error
@@ -49,9 +49,8 @@ def annotate(error: BaseException, node: Any) -> BaseException:
         return error
     source = node.source_line
     prefix = f"{where} `{source}`" if source else where
-    if len(error.args) == 1 and isinstance(error.args[0], str) and \
-            type(error).__str__ is BaseException.__str__:
-        error.args = (f"{prefix}: {error.args[0]}",)
+    if len(error.args) == 1 and isinstance(error.args[0], str) and str(error) == error.args[0]:
+        error.args = (f"{prefix}: {error.args[0]}",)  # the message is its one argument: prefix it
     else:
         error.add_note(f"raised by {prefix}")
     try:

@@ -195,3 +195,27 @@ def test_an_attribute_names_the_line_where_it_was_written(net, x):
         (pair[0] * 2).save()
     getattr_node = next(node for node in tracer.graph.nodes if node.op == "getattr")
     assert getattr_node.lineno == line and getattr_node.source_line.startswith("pair = (net.layer1.output.T, 1)")
+
+
+def test_an_attribute_error_inside_a_proxy_property_reaches_the_user():
+    """`out.shape` on a traced tuple: the user sees "tuple has no attribute", never a recursion."""
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return x * 2, x + 1
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair = Pair()
+
+        def forward(self, x):
+            first, second = self.pair(x)
+            return first + second
+
+    net = NNsight(Net())
+    with pytest.raises(AttributeError, match=r"`shape = out.shape`.*'tuple' object has no attribute 'shape'"):
+        with net.trace(torch.rand(2, 3)):
+            out = net.pair.output
+            assert out[0].shape == (2, 3)
+            shape = out.shape
+            repr(shape)

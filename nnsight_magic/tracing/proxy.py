@@ -18,6 +18,7 @@ raise a ``TypeError`` that names the fix (``tracer.cond`` in Python, or a ``%%tr
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -36,6 +37,23 @@ _CONTROL_FLOW_HELP = (
 )
 
 
+def _surfacing(getter: Any) -> property:
+    """A property whose ``AttributeError`` reaches the caller.
+
+    Python answers an ``AttributeError`` raised inside a property by calling ``__getattr__``, which on a proxy
+    would quietly build another traced attribute instead of showing the user's error (``out.shape`` on a traced
+    tuple). The getter leaves its error on the proxy, and ``Proxy.__getattr__`` raises that error, unchanged.
+    """
+    @functools.wraps(getter)
+    def wrapper(self: "Proxy") -> Any:
+        try:
+            return getter(self)
+        except AttributeError as error:
+            object.__setattr__(self, "_error", error)
+            raise
+    return property(wrapper)
+
+
 class Proxy:
     """A value in the intervention graph; see the module docstring.
 
@@ -44,7 +62,7 @@ class Proxy:
         tracer: the tracer that builds the graph, until the graph has run (then ``None``).
     """
 
-    __slots__ = ("_node", "_tracer", "_value", "__weakref__")
+    __slots__ = ("_node", "_tracer", "_value", "_error", "__weakref__")
 
     def __init__(self, node: Node, tracer: Any):
         object.__setattr__(self, "_node", node)
@@ -52,11 +70,11 @@ class Proxy:
         object.__setattr__(self, "_value", _NOT_SET)
 
     # ------------------------------------------------------------------------------------ the public surface
-    @property
+    @_surfacing
     def node(self) -> Node:
         return self._node
 
-    @property
+    @_surfacing
     def tracer(self) -> Any:
         return self._tracer
 
@@ -65,7 +83,7 @@ class Proxy:
         self._builder("save").save(self)
         return self
 
-    @property
+    @_surfacing
     def value(self) -> Any:
         """The real value after the run; a clear error before it, or for a value that was not saved."""
         if self._value is not _NOT_SET:
@@ -80,20 +98,20 @@ class Proxy:
         raise ValueError(f"{self._label()} was not saved, so its value was freed after the run; "
                          f"call `.save()` on it inside the trace ({node.location})")
 
-    @property
+    @_surfacing
     def shape(self) -> Any:
         """The value's shape (a real ``torch.Size`` while building when shapes are known)."""
         return self._metadata("shape")
 
-    @property
+    @_surfacing
     def dtype(self) -> Any:
         return self._metadata("dtype")
 
-    @property
+    @_surfacing
     def device(self) -> Any:
         return self._metadata("device")
 
-    @property
+    @_surfacing
     def ndim(self) -> Any:
         return self._metadata("ndim")
 
@@ -145,6 +163,9 @@ class Proxy:
         return self._builder(f"compute with").create_proxy(op, target, args, kwargs or {})
 
     def __getattr__(self, name: str) -> Any:
+        error = _take_error(self)
+        if error is not None:
+            raise error  # a property of this proxy failed with the user's own AttributeError (see _surfacing)
         if name.startswith("_"):  # dunders, and display probes such as IPython's `_repr_html_`
             raise AttributeError(name)
         attribute = Attribute(self, name)
@@ -220,7 +241,7 @@ class Attribute(Proxy):
         object.__setattr__(self, "_node", None)
         object.__setattr__(self, "_location", user_location())
 
-    @property
+    @_surfacing
     def node(self) -> Node:
         if self._node is None:
             proxy = self._parent._builder("read an attribute of").create_proxy(
@@ -231,6 +252,16 @@ class Attribute(Proxy):
     def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
         return self._parent._builder("call a method of").call_method(self._parent, self._name, args, kwargs,
                                                                      location=self._location)
+
+
+def _take_error(proxy: Proxy) -> AttributeError | None:
+    """The ``AttributeError`` a property of ``proxy`` just raised, if any (cleared once taken)."""
+    try:
+        error = object.__getattribute__(proxy, "_error")
+    except AttributeError:
+        return None
+    object.__delattr__(proxy, "_error")
+    return error
 
 
 def _first_proxy(value: Any) -> Proxy:
