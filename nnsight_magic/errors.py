@@ -78,8 +78,16 @@ def user_location() -> tuple[str, int]:
     code is compiled with the cell's own filename, so this is the cell line the user sees.
     """
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_SKIPPED_DIRS):
+    internal = _INTERNAL_FILES
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        skip = internal.get(filename)
+        if skip is None:
+            skip = internal[filename] = filename.startswith(_SKIPPED_DIRS)
+        if not skip:
+            return filename, frame.f_lineno
         frame = frame.f_back
-    if frame is None:
-        return "", 0
-    return frame.f_code.co_filename, frame.f_lineno
+    return "", 0
+
+
+_INTERNAL_FILES: dict[str, bool] = {}  # filename -> is it ours (or torch's, or contextlib's)?

@@ -149,3 +149,35 @@ def test_a_condition_on_a_tensor_with_several_values_fails_while_building(net, x
         with net.trace(x) as tracer:
             with tracer.cond(net.layer1.output > 0):
                 pass
+
+
+def test_a_repeated_trace_takes_its_shapes_from_the_memo(net, x, monkeypatch):
+    from nnsight_magic.tracing.shapes import ShapeInference
+
+    def ablate_and_read():
+        with net.trace(x):
+            h = net.layer1.output
+            h[:, 0] = 0
+            return (h.softmax(-1)[:, 1:] * 2).save()
+
+    first = ablate_and_read()
+    fake_runs = []
+    original = ShapeInference.run_node
+    monkeypatch.setattr(ShapeInference, "run_node",
+                        lambda self, node, args, kwargs: fake_runs.append(node.op) or original(self, node, args, kwargs))
+    second = ablate_and_read()
+    assert fake_runs == []
+    assert second.node.fake.shape == first.node.fake.shape == (3, 9)
+    assert torch.equal(second.value, first.value)
+
+
+def test_the_memo_keeps_no_real_tensor_alive(net, x):
+    import gc
+    import weakref
+    steering = torch.rand(10)
+    with net.trace(x):
+        (net.layer1.output + steering).save()
+    reference = weakref.ref(steering)
+    del steering
+    gc.collect()
+    assert reference() is None

@@ -135,6 +135,8 @@ class Envoy:
 
     def __getitem__(self, key: int | str | slice) -> Any:
         module = self._module
+        if type(key) is int and isinstance(module, torch.nn.ModuleList) and 0 <= key < len(module._modules):
+            return self._child(str(key))  # a ModuleList names its children by position
         names = list(module._modules)
         if isinstance(key, slice):
             return [self._child(name) for name in names[key]]

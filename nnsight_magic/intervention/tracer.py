@@ -152,8 +152,10 @@ class Tracer:
             raise RuntimeError("this trace has already run; operations on its values belong inside the trace, or "
                                "use `.value` of saved results after it")
         filename, lineno = location or user_location()
-        args = self._to_nodes(args)
-        kwargs = self._to_nodes(kwargs) if kwargs else {}
+        if args:
+            args = self._to_nodes(args)
+        if kwargs:
+            kwargs = self._to_nodes(kwargs)
         node = self.graph.create_node(op, target, args, kwargs, filename=filename, lineno=lineno, meta=meta,
                                       fake=fake, after=after)
         proxy = Proxy(node, self)

@@ -13,6 +13,7 @@ Out[2]: (torch.Size([1, 10]), 2)
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import warnings
@@ -61,6 +62,78 @@ def shared_fake_mode() -> fake_tensor.FakeTensorMode:
     if _shared_mode is None:
         _shared_mode = fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
     return _shared_mode
+
+
+class InferenceMemo:
+    """Fake values already inferred, keyed by the op and the very fake objects (and constants) it was applied to.
+
+    A key holds its fake arguments alive, so no other object can take their ``id``; the memo keeps the most recent
+    ``size`` results. Arguments that are not hashable and not tensors (a user object) make a node unmemoized.
+    """
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self.entries: collections.OrderedDict[tuple, tuple[Any, list]] = collections.OrderedDict()
+
+    def key(self, node: Node, args: tuple, kwargs: dict) -> tuple | None:
+        keep: list[Any] = []
+        try:
+            parts = (node.op, node.target if node.op != "call_function" else id(node.target),
+                     _memo_part(args, keep), _memo_part(kwargs, keep))
+            hash(parts)
+        except TypeError:
+            return None
+        return parts + (_Kept(keep),)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self.entries
+
+    def get(self, key: tuple) -> Any:
+        self.entries.move_to_end(key)
+        return self.entries[key]
+
+    def put(self, key: tuple, fake: Any) -> None:
+        self.entries[key] = fake
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+class _Kept:
+    """The objects a memo key refers to by ``id``: kept alive with the key, ignored when keys are compared."""
+
+    __slots__ = ("objects",)
+
+    def __init__(self, objects: list):
+        self.objects = objects
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _Kept)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+def _memo_part(value: Any, keep: list) -> Any:
+    """A hashable stand-in for an argument: fake tensors by identity (kept alive with the key), real tensors by
+    what a fake result depends on (shape, stride, dtype, device, requires_grad; never kept), containers item by
+    item."""
+    if isinstance(value, fake_tensor.FakeTensor):
+        keep.append(value)
+        return ("fake", id(value))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__,) + tuple(_memo_part(item, keep) for item in value)
+    if isinstance(value, dict):
+        return ("dict",) + tuple((key, _memo_part(item, keep)) for key, item in value.items())
+    if isinstance(value, slice):
+        return ("slice", _memo_part(value.start, keep), _memo_part(value.stop, keep), _memo_part(value.step, keep))
+    if value is None or isinstance(value, (bool, int, float, complex, str, torch.dtype, torch.device, type(...))):
+        return (type(value).__name__, value)
+    raise TypeError("not memoizable")
+
+
+_memo = InferenceMemo()
 
 
 class ScanFailed(RuntimeError):
@@ -161,7 +234,11 @@ class ShapeInference(Interpreter):
         self.fake_mode = fake_mode or shared_fake_mode()
 
     def infer(self, node: Node) -> Any:
-        """The fake value of ``node``, ``None`` when unknown; raises the user's error for real mistakes."""
+        """The fake value of ``node``, ``None`` when unknown; raises the user's error for real mistakes.
+
+        Results are remembered (:class:`InferenceMemo`): a trace repeated in a loop, whose module values come from
+        the same cached scan, gets every fake value from the memo instead of running fake ops again.
+        """
         if node.op in ("log", "stop") or (node.op == "call_method" and node.target == "backward"):
             return None  # side effects only; nothing to know about their value
         if node.op == "call_function" and not _library_function(node.target):
@@ -178,19 +255,25 @@ class ShapeInference(Interpreter):
         kwargs = map_nodes(fake_of, node.kwargs)
         if unknown:
             return self.cond_check(node, args) if node.op == "cond" else None
+        key = _memo.key(node, args, kwargs) if node.op not in ("new_list", "apply_module") else None
+        if key is not None and key in _memo:
+            return _memo.get(key)
         if written_node(node) is not None and isinstance(args[0], torch.Tensor):
             with self.fake_mode:
                 args = (args[0].clone(),) + tuple(args[1:])   # never change a fake value others share
         try:
             with self.fake_mode, quiet_fake_errors(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return self.run_node(node, args, kwargs)
+                fake = self.run_node(node, args, kwargs)
         except _FAKE_LIMITATIONS:
-            return None
+            fake = None
         except Exception as error:
             if not self._trustworthy(node, error):
                 return None
             raise annotate(error, node)
+        if key is not None:
+            _memo.put(key, fake)
+        return fake
 
     @staticmethod
     def _trustworthy(node: Node, error: Exception) -> bool:
