@@ -335,3 +335,14 @@ def test_a_persistent_edit_reaches_every_generation_step(gpt2_lm):
     with gpt2_lm.generate(prompt, max_new_tokens=3) as tracer:
         plain = tracer.result.save()
     assert not torch.equal(plain.value, expected)
+
+
+def test_the_models_output_at_each_step_is_the_forward_output_not_the_generated_ids(gpt2_lm):
+    with gpt2_lm.generate("The Eiffel Tower is in", max_new_tokens=2) as tracer:
+        first = gpt2_lm.output.logits.save()
+        tracer.next()
+        second = gpt2_lm.output.logits.save()
+        tokens = tracer.result.save()
+    assert first.value.shape[1] == second.value.shape[1] == 1   # logits of the last position, per step
+    assert torch.equal(first.value[0, -1].argmax(), tokens.value[0, -2])
+    assert torch.equal(second.value[0, -1].argmax(), tokens.value[0, -1])

@@ -169,3 +169,20 @@ def test_module_values_follow_the_model_onto_its_device(net, tiny, x):
     with net.trace(x):
         device = net.layer1.output.device
     assert device == torch.device("cpu") == net.device
+
+
+def test_reading_the_models_output_needs_no_hook_on_the_model(net, tiny, x):
+    with net.trace(x) as tracer:
+        during = tracer.apply(hooked_modules, tiny).save()
+        out = net.output.save()
+    with torch.no_grad():
+        assert torch.equal(out.value, tiny(x))
+    assert "" not in during.value
+
+
+def test_a_module_value_nobody_reads_during_the_run_is_only_stored(net, tiny, x):
+    with net.trace(x):
+        kept = net.layer1.output.save()
+        also = net.layer2.output.save()
+    with torch.no_grad():
+        assert torch.equal(kept.value, tiny.layer1(x)) and torch.equal(also.value, tiny(x))

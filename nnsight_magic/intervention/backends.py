@@ -79,13 +79,16 @@ def run_trace(tracer: Tracer, bridges: dict[int, Any] | None = None, keep: froze
     error: BaseException | None = None
     try:
         grad_mode = torch.enable_grad() if tracer.needs_grad else torch.no_grad()
-        with Interleaver(execution, model._module, groups, prepared.batch_size, model._submodule), grad_mode:
+        interleaver = Interleaver(execution, model._module, groups, prepared.batch_size, model._submodule,
+                                  result_is_root_output=model._returns_root_output(tracer.run_options))
+        with interleaver, grad_mode:
             try:
                 for index, value in (bridges or {}).items():
                     execution.deliver(index, value)
                 execution.start()
                 execution.run_ready()
                 result = model._run(prepared, tracer.run_options)
+                interleaver.deliver_result(result)
                 nodes = tracer.graph.nodes
                 for index in tracer.graph.entry_indices:
                     if nodes[index].op == "result":

@@ -110,8 +110,11 @@ class Interleaver:
     """
 
     def __init__(self, execution: ModelExecution, root: torch.nn.Module, groups: list[tuple[int, int]],
-                 batch_size: int, find_module: Callable[[str], torch.nn.Module] | None = None):
+                 batch_size: int, find_module: Callable[[str], torch.nn.Module] | None = None,
+                 result_is_root_output: bool = False):
         self.execution = execution
+        self.result_is_root_output = result_is_root_output
+        self.root_output_points: list[EntryPoint] | None = None
         self.root = root
         self.find_module = find_module or (lambda path: root.get_submodule(path) if path else root)
         self.batch_size = batch_size
@@ -150,6 +153,8 @@ class Interleaver:
                 self.handles.append(root.register_forward_pre_hook(self._begin_step, prepend=True))
             by_module: dict[int, tuple[torch.nn.Module, dict, dict]] = {}
             for (path, kind), table in self.tables.items():
+                if (path, kind) == ("", "output") and self._root_output_from_result(table):
+                    continue
                 module = self.find_module(path)
                 _, outputs, inputs = by_module.setdefault(id(module), (module, {}, {}))
                 merged = outputs if kind == "output" else inputs
@@ -190,7 +195,31 @@ class Interleaver:
         if not self.paused:
             self.execution.end_step(self.step)
 
+    def _root_output_from_result(self, table: dict[int, list[EntryPoint]]) -> bool:
+        """Whether reads of the model's own output can take the run's return value instead of a root hook.
+
+        That holds when the run returns the root module's output (one forward pass), the output is only read
+        (nothing replaces or edits it), the whole batch is read, and no generation steps are counted.
+        """
+        if not self.result_is_root_output or self.steps_matter or set(table) != {0}:
+            return False
+        points = table[0]
+        if any(point.group is not None or point.index in self.writes_on for point in points):
+            return False
+        self.root_output_points = sorted(points, key=lambda point: point.index)
+        return True
+
+    def deliver_result(self, result: Any) -> None:
+        """Give the run's return value to the reads of the model's output that have no hook (see above)."""
+        if self.root_output_points is not None:
+            self._deliver(self.root_output_points, result)
+
     def _output_hook(self, table: dict[int, list[EntryPoint]]) -> Callable:
+        if len(table) == 1:
+            (call, points), = table.items()
+            if len(points) == 1 and self._only_stores(points[0]):
+                return self._storing_hook(call, points[0].index)
+
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
             if self.paused:
                 return None
@@ -199,6 +228,27 @@ class Interleaver:
             self.counts[key] = call + 1
             points = table.get(call)
             return None if points is None else self._deliver(points, output)
+        return hook
+
+    def _only_stores(self, point: EntryPoint) -> bool:
+        """The hook only has to keep the value: one whole-batch read that nothing in the graph waits on."""
+        node = self.execution.nodes[point.index]
+        return point.group is None and point.section is None and not self.steps_matter and point.step == 0 \
+            and not node.listeners and point.index not in self.writes_on
+
+    def _storing_hook(self, call: int, index: int) -> Callable:
+        """The fast hook of a value that is only kept (``.save()``): store it on its call, nothing else."""
+        execution = self.execution
+
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            if self.paused:
+                return None
+            key = id(module)
+            count = self.counts.get(key, 0)
+            self.counts[key] = count + 1
+            if count == call:
+                execution.deliver(index, output)
+            return None
         return hook
 
     def _input_hook(self, table: dict[int, list[EntryPoint]]) -> Callable:

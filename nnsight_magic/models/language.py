@@ -177,6 +177,10 @@ class LanguageModel(NNsight):
                                          **hf_generate_kwargs(options, self._pad_token_id()))
         return self._forward(input_ids, attention_mask, options)
 
+    def _returns_root_output(self, options: dict) -> bool:
+        """A forward pass returns the model's output; ``generate`` returns token ids."""
+        return not options.get(GENERATE)
+
     def _scan(self, prepared: PreparedInput, options: dict, step: int = 0) -> ModuleScan | None:
         """The prompt's scan; for generation steps after the first, a decoding step's scan (both cached)."""
         if not step or not options.get(GENERATE):

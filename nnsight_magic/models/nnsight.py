@@ -148,6 +148,11 @@ class NNsight(Envoy):
         """Run the model on a batch (``options`` come from ``trace``/``generate``)."""
         return self._module(*prepared.args, **prepared.kwargs)
 
+    def _returns_root_output(self, options: dict) -> bool:
+        """Whether ``_run`` returns the root module's own output (one forward pass): then reads of ``model.output``
+        need no hook on the root."""
+        return True
+
     def _scan_runner(self, options: dict) -> Any:
         """The callable a fake-tensor scan runs: one forward pass."""
         return self._module
