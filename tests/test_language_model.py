@@ -253,3 +253,14 @@ def test_an_invoke_refuses_model_options(gpt2_lm):
         with gpt2_lm.trace() as tracer:
             with tracer.invoke("Hello", output_attentions=True):
                 pass
+
+
+def test_hidden_states_recorded_by_hf_hooks_are_known_while_building(gpt2_lm):
+    """Hugging Face collects hidden states with forward hooks; the shape scan keeps them working."""
+    with gpt2_lm.trace(PROMPTS[0], output_hidden_states=True):
+        third = gpt2_lm.output.hidden_states[2]
+        assert third.shape[-1] == 64
+        kept = third.save()
+    with gpt2_lm.trace(PROMPTS[0], output_hidden_states=True):
+        again = gpt2_lm.output.hidden_states[2].save()
+    assert torch.equal(kept.value, again.value)

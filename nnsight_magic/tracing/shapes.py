@@ -163,7 +163,10 @@ class ModuleScan:
     def run(cls, root: torch.nn.Module, runner: Callable[..., Any], args: tuple, kwargs: dict) -> "ModuleScan":
         """Run ``runner(*args, **kwargs)`` on fake copies of the inputs, recording every module call of ``root``.
 
-        Raises :class:`ScanFailed` (with the reason) when the model cannot run on fake tensors.
+        The model runs as it is, hooks included: models rely on their own forward hooks (Hugging Face records
+        ``hidden_states`` through them), so a hook of yours also sees this fake run once per new input shape;
+        ``isinstance(output, torch._subclasses.fake_tensor.FakeTensor)`` tells it apart. Raises
+        :class:`ScanFailed` (with the reason) when the model cannot run on fake tensors.
         """
         scan = cls(shared_fake_mode())
         paths: dict[int, list[str]] = {}
