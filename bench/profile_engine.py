@@ -102,7 +102,7 @@ def component_costs() -> list[str]:
         block.register_forward_hook(lambda *_: None).remove()
 
     def function_level_import() -> None:
-        from nnsight_magic.tracing.execution import DONE  # noqa: F401  (as `Tracer._detach` does per call)
+        from nnsight_magic.intervention.backends import dispatch  # noqa: F401  (as `Tracer._dispatch` does)
 
     def fake_op(operation: Callable[[torch.Tensor], Any]) -> Callable[[], None]:
         def run() -> None:
@@ -119,7 +119,7 @@ def component_costs() -> list[str]:
     operations = {
         "register + remove one forward hook (per hooked module)": register_and_remove,
         "`user_location()` (per node)": user_location,
-        "a function-level import (`_dispatch`, `_detach`: 2 per trace)": function_level_import,
+        "a function-level import (`_dispatch`: 1 per trace)": function_level_import,
         "fake `x.clone()` (shape inference of an in-place edit clones first)": fake_op(lambda tensor: None),
         "fake `x.clone()[:, -1]` (a read of one position)": fake_op(lambda tensor: tensor[:, -1]),
         "fake `x.clone()[:] = 0` (an ablation)": fake_op(zero),

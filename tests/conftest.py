@@ -9,7 +9,7 @@ import torch
 
 from nnsight_magic import NNsight
 
-pytest_plugins = ["language_fixtures"]  # tiny GPT-2 / Llama models with the real GPT-2 tokenizer
+pytest_plugins = ["language_fixtures", "magic_shell"]  # tiny language models; an IPython shell with the extension
 
 
 def make_tiny() -> torch.nn.Sequential:

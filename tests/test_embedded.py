@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from language_fixtures import embedded_lm, gpt2_tok, hook_count  # noqa: F401
+from language_fixtures import hook_count
 from nnsight_magic.models import embedded
 from nnsight_magic.models.embedded import cache_root, gpt2_tokenizer, load_embedded_model
 from nnsight_magic.models.language import LanguageModel

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from language_fixtures import (  # noqa: F401  (fixtures are found by name)
-    CONTEXT, END_OF_TEXT, PROMPTS, StepHooks, any_lm, assert_weights_equal, encode, gpt2_lm, gpt2_tok, hook_count,
-    left_padded, line_of, tiny_gpt2, weights)
+from language_fixtures import (
+    CONTEXT, END_OF_TEXT, PROMPTS, StepHooks, assert_weights_equal, encode, hook_count, left_padded, line_of, weights)
 
 NEW_TOKENS = 3
 

@@ -101,12 +101,13 @@ def test_inputs_and_their_setters(net, tiny, x):
         args, kwargs = net.layer2.inputs[0], net.layer2.inputs[1]
         first = net.layer2.input.save()
         all_args = args.save()
+        no_kwargs = kwargs.save()
         net.layer2.input = net.layer2.input * 2
         doubled = net.layer2.input.save()
         out = net.output.save()
     with torch.no_grad():
         h = tiny.layer1(x)
-        assert torch.equal(first.value, h) and torch.equal(all_args.value[0], h)
+        assert torch.equal(first.value, h) and torch.equal(all_args.value[0], h) and no_kwargs.value == {}
         assert torch.equal(doubled.value, h * 2)
         assert torch.equal(out.value, tiny.layer2(h * 2))
 

@@ -9,9 +9,8 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from language_fixtures import (  # noqa: F401  (fixtures are found by name)
-    CONTEXT, END_OF_TEXT, PROMPTS, any_lm, assert_weights_equal, encode, gpt2_lm, gpt2_tok, hf_positions, hook_count,
-    left_padded, line_of, llama_lm, tiny_gpt2, tiny_llama, weights)
+from language_fixtures import (
+    CONTEXT, END_OF_TEXT, PROMPTS, assert_weights_equal, encode, hf_positions, hook_count, left_padded, line_of, weights)
 from nnsight_magic.intervention.envoy import Envoy
 from nnsight_magic.models.language import LanguageModel
 

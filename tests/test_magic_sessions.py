@@ -12,7 +12,7 @@ from IPython.core.error import UsageError
 from torch._subclasses.fake_tensor import FakeTensor
 
 from conftest import hook_count, make_tiny
-from magic_shell import ip, ok, plain, run, with_net  # noqa: F401  (ip is a fixture)
+from magic_shell import ok, plain, run, with_net
 from nnsight_magic import NNsight
 from nnsight_magic.intervention.session import Session
 from nnsight_magic.magics import NotebookSession, TraceMagics

@@ -13,8 +13,8 @@ from IPython.core.error import UsageError
 from torch._subclasses.fake_tensor import FakeTensor
 
 from conftest import hook_count
-from language_fixtures import END_OF_TEXT, StepHooks, encode, gpt2_lm, gpt2_tok, tiny_gpt2  # noqa: F401
-from magic_shell import ip, module_values, ok, plain, run, with_net  # noqa: F401  (ip is a fixture)
+from language_fixtures import END_OF_TEXT, StepHooks, encode
+from magic_shell import module_values, ok, plain, run, with_net
 from nnsight_magic import OutOfOrderError
 from nnsight_magic.intervention.tracer import Tracer
 from nnsight_magic.magics import TraceMagics

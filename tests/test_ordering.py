@@ -73,7 +73,7 @@ def test_an_edit_cannot_wait_for_a_reader_that_needs_a_later_module(net, x):
     with pytest.raises(OutOfOrderError, match=r"changes layer1.output, but it needs layer2.output"):
         with net.trace(x):
             h = net.layer1.output
-            d = (h * net.layer2.output.mean()).save()
+            (h * net.layer2.output.mean()).save()
             h[:] = 0
 
 

@@ -13,7 +13,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from conftest import hook_count
-from magic_shell import ip, module_values, ok, plain, run, with_net  # noqa: F401  (ip is a fixture)
+from magic_shell import module_values, ok, plain, run, with_net
 from nnsight_magic.magics.rewrite import autosave_names, rewrite_cell
 from nnsight_magic.tracing.proxy import Proxy
 

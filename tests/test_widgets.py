@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from conftest import make_tiny
 from language_fixtures import make_tiny_gpt2
-from magic_shell import ip, ok  # noqa: F401  (ip is a fixture)
+from magic_shell import ok
 from nnsight_magic import NNsight
 from nnsight_magic.intervention.tracer import Tracer
 from nnsight_magic.models.language import LanguageModel

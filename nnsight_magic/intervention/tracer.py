@@ -24,12 +24,14 @@ from typing import Any, Callable
 import torch
 
 from ..errors import annotate, user_location
+from ..tracing.execution import DONE as DONE_STATE
 from ..tracing.graph import Graph, StepSet
 from ..tracing.node import Node
 from ..tracing.proxy import Proxy
 from ..tracing.shapes import ModuleScan, ShapeInference
 from .batching import narrow
 from .contexts import Conditional, IterationBlock, IterationIndexer, Invoker
+from .ordering import check_order
 from .session import current_session
 
 BUILDING, RECORDED, RUNNING, DONE, FAILED = "building", "recorded", "running", "done", "failed"
@@ -443,7 +445,6 @@ class Tracer:
             self._refresh_shapes()
             scan = next((scan for scan in self._scans.values() if scan is not None), None)
             if scan is not None:
-                from .ordering import check_order
                 check_order(self.graph, _entry_position(scan, self.graph))
 
     @property
@@ -453,7 +454,6 @@ class Tracer:
 
     def _detach(self, execution: Any) -> None:
         """After the run: saved proxies get their values; no proxy keeps this tracer alive any longer."""
-        from ..tracing.execution import DONE as DONE_STATE
         for reference in self._proxies:
             proxy = reference()
             if proxy is None:

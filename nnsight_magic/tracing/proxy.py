@@ -160,7 +160,7 @@ class Proxy:
         return self.__getattr__(name)
 
     def _create(self, op: str, target: Any, args: tuple, kwargs: dict | None = None) -> "Proxy":
-        return self._builder(f"compute with").create_proxy(op, target, args, kwargs or {})
+        return self._builder("compute with").create_proxy(op, target, args, kwargs or {})
 
     def __getattr__(self, name: str) -> Any:
         error = _take_error(self)
