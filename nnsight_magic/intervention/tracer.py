@@ -115,6 +115,8 @@ class Tracer:
                 edit.replay(self)
         except BaseException:
             self.model._exit_tracer(self)
+            if self.session is not None and self.session.building is self:
+                self.session.building = None
             raise
         return self
 
@@ -396,12 +398,11 @@ class Tracer:
 
     def _refresh_shapes(self) -> None:
         """With several invokes, give whole-batch and padded values their final shapes, and re-check the graph."""
-        if len(self.invokes) < 2 and not any(node.fake is None for node in self.graph.entries()):
+        module_values = [node for node in self.graph.entries() if node.op in ("module_output", "module_inputs")]
+        if len(self.invokes) < 2 and all(node.fake is not None for node in module_values):
             return
         changed = False
-        for node in self.graph.entries():
-            if node.op not in ("module_output", "module_inputs"):
-                continue
+        for node in module_values:
             invoke = node.meta.get("invoke")
             if invoke is not None and not self.model._batching_changes_shapes:
                 continue
