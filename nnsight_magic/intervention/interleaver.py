@@ -223,12 +223,15 @@ class Interleaver:
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
             if self.paused:
                 return None
-            key = id(module)
-            call = self.counts.get(key, 0)
-            self.counts[key] = call + 1
-            points = table.get(call)
+            points = table.get(self._count_call(id(module)))
             return None if points is None else self._deliver(points, output)
         return hook
+
+    def _count_call(self, key: int) -> int:
+        """The index of this call of a module (within the current step when steps are counted)."""
+        call = self.counts.get(key, 0)
+        self.counts[key] = call + 1
+        return call
 
     def _only_stores(self, point: EntryPoint) -> bool:
         """The hook only has to keep the value: one whole-batch read that nothing in the graph waits on."""
@@ -241,24 +244,15 @@ class Interleaver:
         execution = self.execution
 
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            if self.paused:
-                return None
-            key = id(module)
-            count = self.counts.get(key, 0)
-            self.counts[key] = count + 1
-            if count == call:
+            if not self.paused and self._count_call(id(module)) == call:
                 execution.deliver(index, output)
-            return None
         return hook
 
     def _input_hook(self, table: dict[int, list[EntryPoint]]) -> Callable:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
             if self.paused:
                 return None
-            key = -id(module) - 1  # input calls are counted apart from output calls
-            call = self.counts.get(key, 0)
-            self.counts[key] = call + 1
-            points = table.get(call)
+            points = table.get(self._count_call(-id(module) - 1))  # input calls are counted apart from outputs
             return None if points is None else self._deliver(points, (args, kwargs))
         return hook
 
@@ -300,10 +294,6 @@ class Interleaver:
         if not replacements:
             return current, replaced
         return compose(current, replacements, self.batch_size), True
-
-    def calls(self, module: torch.nn.Module) -> int:
-        """How many times ``module`` ran in the current step (only counted for hooked modules)."""
-        return self.counts.get(id(module), 0)
 
     # ------------------------------------------------------------------------------------- order check
     def check_writes(self, entries: Any) -> None:
