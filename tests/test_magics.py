@@ -133,9 +133,11 @@ with t.invoke(b):
     patched = net.output
 """)
     assert isinstance(ip.user_ns["t"], Tracer) and "tracer" not in ip.user_ns
-    truth = module_values(module, a)
-    assert torch.equal(ip.user_ns["clean"], truth["layer1"])
-    assert torch.equal(ip.user_ns["patched"], truth["output"])  # b's run now computes a's output
+    # ground truth: the same batch of two rows by hand, row 1's layer1 output replaced by row 0's
+    batch = torch.cat([a, b])
+    truth = module_values(module, batch, edits={"layer1": lambda out: torch.cat([out[:1], out[:1]])})
+    assert torch.equal(ip.user_ns["clean"], truth["layer1"][:1])
+    assert torch.equal(ip.user_ns["patched"], truth["output"][1:])  # b's run now computes a's output
 
 
 def test_last_expression_is_the_cell_output(ip):
