@@ -11,10 +11,14 @@ A hook for call *k* of a module gives the value to the entry nodes waiting for t
 invoke's rows), runs every node that became ready, checks that every edit of that value has happened (else
 :class:`~nnsight_magic.errors.OutOfOrderError`), and returns the replacement when an entry was assigned.
 Calls are counted per module, and per generation step when the graph has iteration blocks or reads later steps.
+
+The hooks act only in the thread that entered the interleaver: a forward pass of the same model in another
+thread (a plain call, or another thread's trace with hooks of its own) passes through them untouched.
 """
 
 from __future__ import annotations
 
+from threading import get_ident
 from typing import Any, Callable
 
 import torch
@@ -24,6 +28,7 @@ from ..tracing.execution import PENDING, Execution, ExecutionObserver
 from ..tracing.graph import Graph
 from ..tracing.node import Node
 from .batching import compose, narrow
+from .compiled import compiled_error, compiled_part
 
 _VALUE_KIND = {"module_output": "output", "module_inputs": "input"}
 
@@ -119,6 +124,7 @@ class Interleaver:
         self.find_module = find_module or (lambda path: root.get_submodule(path) if path else root)
         self.batch_size = batch_size
         self.paused = 0
+        self.thread = get_ident()
         self.step = 0
         self.root_calls = 0
         self.counts: dict[int, int] = {}
@@ -155,6 +161,10 @@ class Interleaver:
             for (path, kind), table in self.tables.items():
                 if (path, kind) == ("", "output") and self._root_output_from_result(table):
                     continue
+                part = compiled_part(root, path)
+                if part is not None:
+                    first = min((point for points in table.values() for point in points), key=lambda p: p.index)
+                    raise annotate(compiled_error(path, part), self.execution.nodes[first.index])
                 module = self.find_module(path)
                 _, outputs, inputs = by_module.setdefault(id(module), (module, {}, {}))
                 merged = outputs if kind == "output" else inputs
@@ -183,7 +193,7 @@ class Interleaver:
         self.execution.interleaver = None
 
     def _begin_step(self, module: torch.nn.Module, args: tuple) -> None:
-        if self.paused:
+        if self.paused or get_ident() != self.thread:
             return
         self.step = self.root_calls
         self.root_calls += 1
@@ -192,7 +202,7 @@ class Interleaver:
         self.execution.run_ready()
 
     def _end_step(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        if not self.paused:
+        if not self.paused and get_ident() == self.thread:
             self.execution.end_step(self.step)
 
     def _root_output_from_result(self, table: dict[int, list[EntryPoint]]) -> bool:
@@ -221,7 +231,7 @@ class Interleaver:
                 return self._storing_hook(call, points[0].index)
 
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
-            if self.paused:
+            if self.paused or get_ident() != self.thread:
                 return None
             points = table.get(self._count_call(id(module)))
             return None if points is None else self._deliver(points, output)
@@ -244,13 +254,13 @@ class Interleaver:
         execution = self.execution
 
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            if not self.paused and self._count_call(id(module)) == call:
+            if not self.paused and get_ident() == self.thread and self._count_call(id(module)) == call:
                 execution.deliver(index, output)
         return hook
 
     def _input_hook(self, table: dict[int, list[EntryPoint]]) -> Callable:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-            if self.paused:
+            if self.paused or get_ident() != self.thread:
                 return None
             points = table.get(self._count_call(-id(module) - 1))  # input calls are counted apart from outputs
             return None if points is None else self._deliver(points, (args, kwargs))

@@ -17,6 +17,7 @@ prepared, joined into one batch and run by overriding ``_prepare_input``, ``_joi
 from __future__ import annotations
 
 import collections
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from ..intervention.batching import batch_size_of, concatenate_batches
+from ..intervention.compiled import uncompiled
 from ..intervention.edit import EditTracer
 from ..intervention.envoy import Envoy
 from ..intervention.session import Session
@@ -54,7 +56,8 @@ class NNsight(Envoy):
     def __init__(self, module: torch.nn.Module):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, not {type(module).__name__}")
-        super().__init__(module)
+        object.__setattr__(self, "_open_tracers", threading.local())
+        super().__init__(uncompiled(module))
         object.__setattr__(self, "_edits", [])
         object.__setattr__(self, "_scan_cache", collections.OrderedDict())
         object.__setattr__(self, "_scan_failures", set())
@@ -99,16 +102,27 @@ class NNsight(Envoy):
         """Remove every persistent edit of this model."""
         self._edits.clear()
 
+    @property
+    def _active_tracer(self) -> Tracer | None:
+        """The trace open in this thread (each thread builds its own; see :meth:`_enter_tracer`)."""
+        return getattr(self._open_tracers, "tracer", None)
+
+    @_active_tracer.setter
+    def _active_tracer(self, tracer: Tracer | None) -> None:
+        self._open_tracers.tracer = tracer
+
     def _edited_copy(self) -> "NNsight":
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
         object.__setattr__(clone, "_children", {})
         object.__setattr__(clone, "_root", clone)
-        object.__setattr__(clone, "_active_tracer", None)
+        object.__setattr__(clone, "_open_tracers", threading.local())
         object.__setattr__(clone, "_edits", list(self._edits))
         return clone
 
     def _enter_tracer(self, tracer: Tracer) -> None:
+        """Open ``tracer`` in this thread. Traces of one model in other threads are theirs: each builds its own
+        graph, and the hooks of a run act only in the thread that runs it."""
         if self._active_tracer is not None:
             raise RuntimeError("a trace of this model is already open; traces cannot be nested (use invokes to "
                                "batch inputs, or a session for several runs)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import threading
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -198,7 +199,11 @@ class ModuleScan:
         return self.fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
 
     def _recorder(self, paths: list[str], kind: str) -> Callable:
+        owner = threading.get_ident()  # a forward pass of the same model in another thread is not this scan's
+
         def record(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any = None) -> None:
+            if threading.get_ident() != owner:
+                return
             for path in paths:
                 calls = self.outputs if kind == "output" else self.inputs
                 values = calls.setdefault(path, [])
