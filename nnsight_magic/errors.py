@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -91,3 +92,19 @@ def user_location() -> tuple[str, int]:
 
 
 _INTERNAL_FILES: dict[str, bool] = {}  # filename -> is it ours (or torch's, or contextlib's)?
+
+
+def warn_at_user_line(message: str, category: type[Warning] = UserWarning,
+                      location: tuple[str, int] | None = None) -> None:
+    """Warn with the user's line as the warning's place (not a file of this package).
+
+    In [1]: warn_at_user_line("tracer.iter[1:10] names steps 3 to 9, ...")
+    <ipython-input-3>:2: UserWarning: tracer.iter[1:10] names steps 3 to 9, ...
+
+    ``location`` is a ``(filename, line)`` already known (a node's); by default the innermost user frame.
+    """
+    filename, lineno = location or user_location()
+    if not filename:
+        warnings.warn(message, category, stacklevel=2)
+        return
+    warnings.warn_explicit(message, category, filename, lineno)

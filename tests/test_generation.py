@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -74,13 +76,20 @@ def test_every_step_reads_what_hooks_see(any_lm, gpt2_tok, validate):
     (1, {1}), (slice(1, 3), {1, 2}), ([0, 2], {0, 2}), (slice(None), {0, 1, 2}), (slice(1, 10), {1, 2}),
 ])
 def test_an_iteration_block_edits_exactly_its_steps(any_lm, gpt2_tok, steps, chosen):
-    with any_lm.generate(PROMPTS[1], max_new_tokens=NEW_TOKENS) as tracer:
-        logits = tracer.list().save()
-        with tracer.all():
-            logits.append(any_lm.lm_head.output[:, -1])
-        with tracer.iter[steps]:
-            layer(any_lm, 0).output[:] *= 0.5
-        ids = tracer.result.save()
+    past_the_end = isinstance(steps, slice) and (steps.stop or 0) > NEW_TOKENS
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with any_lm.generate(PROMPTS[1], max_new_tokens=NEW_TOKENS) as tracer:
+            logits = tracer.list().save()
+            with tracer.all():
+                logits.append(any_lm.lm_head.output[:, -1])
+            with tracer.iter[steps]:
+                layer(any_lm, 0).output[:] *= 0.5
+            ids = tracer.result.save()
+    # a slice past max_new_tokens runs at the steps that exist, and says so (at the user's line)
+    assert [str(w.message).split(": the block")[0] for w in caught] == (
+        ["tracer.iter[1:10] names steps up to 9, but max_new_tokens=3 runs steps 0 to 2"] if past_the_end else [])
+    assert all(w.filename == __file__ for w in caught)
     with StepHooks(any_lm._module) as hooks:
         hooks.on_output(layer_path(any_lm, 0), lambda step, output: output * 0.5 if step in chosen else None)
         expected_logits = hooks.record("lm_head", lambda output: output[:, -1])

@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from ..errors import OutOfOrderError, annotate, is_annotated, warn_at_user_line
 from ..tracing.execution import EarlyStop, Execution
 from ..tracing.node import Node
 from .interleaver import Interleaver, ModelExecution
@@ -87,7 +88,10 @@ def run_trace(tracer: Tracer, bridges: dict[int, Any] | None = None, keep: froze
                     execution.deliver(index, value)
                 execution.start()
                 execution.run_ready()
-                result = model._run(prepared, tracer.run_options)
+                try:
+                    result = model._run(prepared, tracer.run_options)
+                except Exception as failure:
+                    raise blame_user_line(failure, tracer, interleaver)
                 interleaver.deliver_result(result)
                 nodes = tracer.graph.nodes
                 for index in tracer.graph.entry_indices:
@@ -100,6 +104,7 @@ def run_trace(tracer: Tracer, bridges: dict[int, Any] | None = None, keep: froze
         missing = execution.pending()
         if missing:
             raise never_produced(tracer, execution, missing)
+        warn_unreached_steps(tracer, execution)
     except BaseException as exception:
         error = exception
         tracer.status = FAILED
@@ -110,6 +115,26 @@ def run_trace(tracer: Tracer, bridges: dict[int, Any] | None = None, keep: froze
             each.run_finished(tracer, execution, error)
     tracer.status = DONE
     return execution
+
+
+def blame_user_line(error: Exception, tracer: Tracer, interleaver: Interleaver) -> Exception:
+    """An error the model's own forward raised, named after the user's line that caused it (same object).
+
+    Errors of the trace's own nodes already name their line. Otherwise the cause is the replacement the model
+    received last (a whole-output assignment of the wrong shape or dtype), or, without one, the trace's input.
+    """
+    if is_annotated(error) or isinstance(error, OutOfOrderError):
+        return error
+    nodes = tracer.graph.nodes
+    if interleaver.last_replacement is not None:
+        swap = nodes[interleaver.last_replacement]
+        annotate(error, swap)
+        error.add_note(f"raised inside the model's forward after {swap.location} replaced "
+                       f"{swap.args[0].describe()}: check the replacement's shape and dtype against the original's")
+        return error
+    annotate(error, tracer.origin)
+    error.add_note("raised inside the model's forward on this trace's input: check the input's type and shape")
+    return error
 
 
 def never_produced(tracer: Tracer, execution: Execution, missing: list[Node]) -> RuntimeError:
@@ -143,6 +168,33 @@ def never_produced(tracer: Tracer, execution: Execution, missing: list[Node]) ->
         lines.append(f"({len(waiting)} operation{'s' if len(waiting) != 1 else ''} waiting on "
                      f"{'it' if len(causes) == 1 else 'them'} did not run{f', {saved} of them saved' if saved else ''})")
     return RuntimeError("the trace finished, but part of it never ran:\n  " + "\n  ".join(lines))
+
+
+def warn_unreached_steps(tracer: Tracer, execution: Execution) -> None:
+    """Warn at its line about an iteration block whose named steps the run partly never reached.
+
+    A block that ran at some of its steps has values (from its last step that ran), so this is a warning, not an
+    error: ``tracer.iter[[0, 3]]`` when generation met an end-of-text token at step 1. Steps past
+    ``max_new_tokens`` were already refused or warned about while the block was built.
+    """
+    if not tracer.graph.sections or not execution.steps_run:
+        return
+    ran = execution.steps_run
+    limit = getattr(tracer, "max_new_tokens", None)
+    for section in tracer.graph.sections:
+        last = section.steps.last
+        if last is None:
+            continue
+        named = [step for step in range(section.steps.first, last + 1) if section.steps.contains(step)]
+        unreached = [step for step in named if step not in ran and (limit is None or step < limit)]
+        if not unreached or len(unreached) == len(named):
+            continue  # nothing missing, or nothing ran at all (then its nodes never ran: an error above)
+        node = tracer.graph.nodes[section.nodes[0]]
+        warn_at_user_line(f"tracer.iter{section.steps} names step{'s' if len(unreached) > 1 else ''} "
+                          f"{', '.join(map(str, unreached))}, but the run ended after step {max(ran)} (generation "
+                          "stopped early, e.g. at an end-of-text token): the block ran only at steps "
+                          f"{', '.join(str(step) for step in named if step in ran)}",
+                          location=(node.filename, node.lineno))
 
 
 def _ordinal(number: int) -> str:

@@ -14,9 +14,9 @@ before the model runs, with the way out in the message.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
+
+from ..errors import warn_at_user_line
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
@@ -29,9 +29,9 @@ def uncompiled(module: torch.nn.Module) -> torch.nn.Module:
     if not _is_wrapper(module):
         return module
     original = module._orig_mod
-    warnings.warn(f"this model was compiled with torch.compile; traces run its original module "
-                  f"({type(original).__name__}) eagerly, because hooks cannot run inside compiled code. "
-                  "Use the compiled model outside traces for speed.", UserWarning, stacklevel=4)
+    warn_at_user_line(f"this model was compiled with torch.compile; traces run its original module "
+                      f"({type(original).__name__}) eagerly, because hooks cannot run inside compiled code. "
+                      "Use the compiled model outside traces for speed.")
     return original
 
 

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..tracing.node import module_label
+from ..tracing.node import module_label, user_line
 
 _VALUE_NAMES = ("output", "input", "inputs")
 
@@ -124,8 +124,8 @@ class Envoy:
         hint = f"; did you mean {', '.join(repr(match) for match in close)}?" if close else ""
         listing = f" Its children are: {', '.join(children[:12])}{', ...' if len(children) > 12 else ''}." \
             if children else " It has no child modules."
-        raise AttributeError(f"{self._label} ({type(module).__name__}) has no child or attribute {name!r}{hint}"
-                             f"{listing}")
+        raise AttributeError(f"{user_line()}: {self._label} ({type(module).__name__}) has no child or attribute "
+                             f"{name!r}{hint}{listing}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _VALUE_NAMES and name not in self._module._modules:

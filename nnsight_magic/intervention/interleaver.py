@@ -125,6 +125,7 @@ class Interleaver:
         self.batch_size = batch_size
         self.paused = 0
         self.thread = get_ident()
+        self.last_replacement: int | None = None  # the swap node whose value the model received last
         self.step = 0
         self.root_calls = 0
         self.counts: dict[int, int] = {}
@@ -303,6 +304,8 @@ class Interleaver:
                         for point in points if point.index in swaps]
         if not replacements:
             return current, replaced
+        self.last_replacement = max(self.execution.swapped_by[point.index] for point in points
+                                    if point.index in self.execution.swapped_by)
         return compose(current, replacements, self.batch_size), True
 
     # ------------------------------------------------------------------------------------- order check

@@ -26,7 +26,7 @@ import torch
 from ..errors import annotate, user_location
 from ..tracing.execution import DONE as DONE_STATE
 from ..tracing.graph import Graph, StepSet
-from ..tracing.node import Node
+from ..tracing.node import Node, SourceLine, describe_fake, module_label, user_line
 from ..tracing.proxy import Proxy
 from ..tracing.shapes import ModuleScan, ShapeInference
 from .batching import narrow
@@ -78,6 +78,7 @@ class Tracer:
     def __init__(self, model: Any, inputs: tuple = (), input_kwargs: dict | None = None, *, validate: bool = True,
                  grad: bool | None = None, run_options: dict | None = None, scan_only: bool = False):
         self.model = model
+        self.origin = SourceLine.here()  # the user's `with model.trace(...)` line, for errors about the input
         self.validate = validate or scan_only
         self.graph = Graph(ShapeInference(model._module) if self.validate else None)
         self.keep_grad = grad
@@ -237,8 +238,10 @@ class Tracer:
             value = self.create_proxy("call_function", replace_first_input, (self.module_value(path, "inputs"), value), {})
             key, kind = inputs_key, "inputs"
         elif kind == "inputs" and not (isinstance(value, (tuple, list)) and len(value) == 2):
-            raise TypeError("assign `.inputs` an `(args, kwargs)` pair")
-        swap = self.create_proxy("swap", None, (self._original(key), value), {})
+            raise TypeError(f"{user_line()}: assign `.inputs` an `(args, kwargs)` pair")
+        original = self._original(key)
+        check_replacement(original, value, f"{module_label(path)}.{kind}")
+        swap = self.create_proxy("swap", None, (original, value), {})
         self._values[key] = swap
         if kind == "inputs":
             self._values.pop((*key[:1], "input", *key[2:]), None)
@@ -466,6 +469,11 @@ class Tracer:
                 self._saved.setdefault(node.index, []).append(reference)
             object.__setattr__(proxy, "_tracer", None)
         self._proxies = []
+        # the build-time tables hold proxies (and so their values): a finished tracer keeps no value alive
+        self._entries.clear()
+        self._values.clear()
+        self._grads.clear()
+        self._result = None
 
     @property
     def bridges(self) -> dict[tuple[int, int], Proxy]:
@@ -478,6 +486,30 @@ class Tracer:
 
     def __repr__(self) -> str:
         return f"<Tracer {self.status}: {len(self.graph.nodes)} nodes, {len(self.invokes)} invoke(s)>"
+
+
+def check_replacement(original: Proxy, value: Any, label: str) -> None:
+    """Refuse, at the user's line, a replacement that cannot stand for a module's value.
+
+    ``None`` never can (to PyTorch a hook returning ``None`` means "no change", so it would be silently
+    ignored); when the original's fake value is known, a tensor must be replaced by a tensor and a tuple or list
+    by a tuple or list.
+    """
+    if value is None:
+        raise TypeError(f"{user_line()}: {label} cannot be replaced by None (the model would silently keep its "
+                        "value); assign a tensor, e.g. `torch.zeros_like(...)`, or edit it in place")
+    fake = original.node.fake
+    if fake is None:
+        return
+    replacement = value.node.fake if isinstance(value, Proxy) else value
+    if replacement is None and isinstance(value, Proxy):
+        return  # not known while building: checked when the model runs
+    expected = torch.Tensor if isinstance(fake, torch.Tensor) else (tuple, list) if isinstance(fake, (tuple, list)) \
+        else None
+    if expected is not None and not isinstance(replacement, expected):
+        kind = "a tensor" if expected is torch.Tensor else "a tuple or list"
+        raise TypeError(f"{user_line()}: {label} is {kind} ({describe_fake(fake)}), so it must be replaced by "
+                        f"{kind}, not {type(replacement).__name__}")
 
 
 def _signature(fake: Any) -> Any:

@@ -26,24 +26,14 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import user_location
+from ..errors import warn_at_user_line
 from ..intervention.contexts import IterationBlock, IterationIndexer
 from ..intervention.tracer import Tracer
 from ..tracing.graph import StepSet
-from ..tracing.node import describe_location, source_text
+from ..tracing.node import user_line
 from ..tracing.shapes import ModuleScan, ScanFailed
 
 GENERATE = "generate"  # the run option that makes a LanguageModel run ``generate`` instead of one forward pass
-
-
-def user_line() -> str:
-    """``line 3 `code``` (or ``file.py:12 `code```) for the user's line that is running now."""
-    filename, lineno = user_location()
-    if not lineno:
-        return "here"
-    source = source_text(filename, lineno)
-    where = describe_location(filename, lineno)
-    return f"{where} `{source}`" if source else where
 
 
 def generation_options(max_new_tokens: int | None, generate_kwargs: dict) -> dict:
@@ -156,6 +146,11 @@ class GenerationTracer(Tracer):
         if past:
             raise IndexError(f"{user_line()}: tracer.iter{steps} names step {past[0]}, but "
                              f"max_new_tokens={self.max_new_tokens} runs steps 0 to {self.max_new_tokens - 1}")
+        last = steps.last
+        if isinstance(steps.steps, slice) and last is not None and last >= self.max_new_tokens:
+            warn_at_user_line(f"tracer.iter{steps} names steps up to {last}, but max_new_tokens="
+                              f"{self.max_new_tokens} runs steps 0 to {self.max_new_tokens - 1}: the block runs only at "
+                              f"its steps below {self.max_new_tokens}")
 
     def module_value(self, path: str, kind: str) -> Any:
         self._check_cursor()

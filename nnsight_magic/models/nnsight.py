@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import collections
 import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..errors import warn_at_user_line
 from ..intervention.batching import batch_size_of, concatenate_batches
 from ..intervention.compiled import uncompiled
 from ..intervention.edit import EditTracer
@@ -187,9 +187,9 @@ class NNsight(Envoy):
         except ScanFailed as reason:
             if type(self._module) not in self._scan_failures:
                 self._scan_failures.add(type(self._module))
-                warnings.warn(f"shapes are unavailable for {type(self._module).__name__}: it could not run on fake "
-                              f"tensors ({reason}). Traces still run; order problems are found while they run.",
-                              stacklevel=4)
+                warn_at_user_line(f"shapes are unavailable for {type(self._module).__name__}: it could not run "
+                                  f"on fake tensors ({reason}). Traces still run; order problems are found while "
+                                  "they run.")
             scan = None
         cache[key] = scan
         if len(cache) > SCAN_CACHE_SIZE:

@@ -12,6 +12,9 @@ In [3]: execution.deliver(3, layer_output)      # a hook fired: node %3 now has 
 In [4]: execution.run_ready()                   # ... and everything waiting only on it runs
 In [5]: execution.finish()                      # close iteration blocks; report nodes that never ran
 
+A ``tracer.stop()`` in an iteration block waits only for what ran before it in the same step: the earlier
+nodes of its own block and of the other blocks armed in that step (an open-ended ``tracer.all()`` before it).
+
 Iteration blocks (generation steps) are re-armed at :meth:`begin_step` and closed after their last step, when
 the nodes after the block see the last step's values. A ``cond`` node skips the branch it did not take; the
 skipped nodes release what only they would have read.
@@ -89,6 +92,7 @@ class Execution(Interpreter):
         self.readers = list(self.readers_total)
         self.ready: list[int] = []
         self.swaps: dict[int, Any] = {}
+        self.swapped_by: dict[int, int] = {}  # entry -> the swap node whose replacement it received last
         self.observer = observer
         self.align_devices = align_devices
         self.keep = keep
@@ -212,7 +216,8 @@ class Execution(Interpreter):
         waiting, state, nodes, armed = self.waiting, self.state, self.nodes, self.armed
         for listener in node.listeners:
             target = nodes[listener]
-            if section is not None and target.section != section:
+            if section is not None and target.section != section and \
+                    not (target.op == "stop" and target.section is not None and armed[target.section]):
                 continue  # readers outside an iteration block wait for its last step (see _finalize)
             if taken is not None and target.branch is not None and target.branch[0] == index \
                     and target.branch[1] != taken:
@@ -302,9 +307,13 @@ class Execution(Interpreter):
         """Remember the replacement for entry ``args[0]``; the hook returns it to the model."""
         entry, value = node.args[0], args[1]
         original = args[0]
+        if value is None:
+            raise TypeError(f"{entry.describe()} cannot be replaced by None (the model would silently keep its "
+                            "value); give it a tensor")
         if isinstance(value, torch.Tensor) and isinstance(original, torch.Tensor) and value.device != original.device:
             value = value.to(original.device)
         self.swaps[entry.index] = value
+        self.swapped_by[entry.index] = node.index
         return value
 
     def update(self, node: Node, args: tuple, kwargs: dict) -> Any:

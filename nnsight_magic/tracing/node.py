@@ -43,6 +43,8 @@ import os
 import tokenize
 from typing import Any, Callable, Iterable, Iterator
 
+from ..errors import user_location
+
 ENTRY_OPS = frozenset({"module_output", "module_inputs", "grad", "result", "bridge", "iteration"})
 
 _OPERATOR_SYMBOLS = {
@@ -180,6 +182,42 @@ def source_text(filename: str, lineno: int) -> str:
     except (tokenize.TokenError, SyntaxError):
         pass
     return text
+
+
+class SourceLine:
+    """A place in the user's code (``filename``, ``lineno``), read like a node's for errors.
+
+    In [1]: SourceLine("cell.py", 3).location
+    Out[1]: 'line 3'
+    """
+
+    __slots__ = ("filename", "lineno")
+
+    def __init__(self, filename: str, lineno: int):
+        self.filename, self.lineno = filename, lineno
+
+    @classmethod
+    def here(cls) -> "SourceLine":
+        """The user's line that is running now."""
+        return cls(*user_location())
+
+    @property
+    def location(self) -> str:
+        return describe_location(self.filename, self.lineno)
+
+    @property
+    def source_line(self) -> str:
+        return source_text(self.filename, self.lineno)
+
+
+def user_line() -> str:
+    """``line 3 `code``` (or ``file.py:12 `code```) for the user's line that is running now."""
+    filename, lineno = user_location()
+    if not lineno:
+        return "here"
+    source = source_text(filename, lineno)
+    where = describe_location(filename, lineno)
+    return f"{where} `{source}`" if source else where
 
 
 def describe_location(filename: str, lineno: int) -> str:
