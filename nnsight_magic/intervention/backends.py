@@ -167,7 +167,9 @@ def never_produced(tracer: Tracer, execution: Execution, missing: list[Node]) ->
         saved = sum(1 for node in waiting if node.saved)
         lines.append(f"({len(waiting)} operation{'s' if len(waiting) != 1 else ''} waiting on "
                      f"{'it' if len(causes) == 1 else 'them'} did not run{f', {saved} of them saved' if saved else ''})")
-    return RuntimeError("the trace finished, but part of it never ran:\n  " + "\n  ".join(lines))
+    # the first cause leads, so the message starts with the user's line like every other error
+    rest = "".join(f"\n  {line}" for line in lines[1:])
+    return RuntimeError(f"{lines[0]} (the model run finished without it){rest}")
 
 
 def warn_unreached_steps(tracer: Tracer, execution: Execution) -> None:
