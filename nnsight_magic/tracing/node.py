@@ -58,7 +58,23 @@ _OPERATOR_SYMBOLS = {
 }
 
 
-class Node:
+class Located:
+    """What an object with ``filename`` and ``lineno`` (a node, a :class:`SourceLine`) says about its user line."""
+
+    __slots__ = ()
+
+    @property
+    def location(self) -> str:
+        """Where the user wrote it: ``line 3`` in a notebook cell, ``script.py:12`` in a file."""
+        return describe_location(self.filename, self.lineno)
+
+    @property
+    def source_line(self) -> str:
+        """The code on the user's line (without a trailing comment), if it can be found."""
+        return source_text(self.filename, self.lineno)
+
+
+class Node(Located):
     """One operation in a :class:`~nnsight_magic.tracing.graph.Graph`.
 
     In [1]: with net.trace(x) as tracer:
@@ -114,16 +130,6 @@ class Node:
     def storage_root(self) -> int:
         """Index of the node that owns the storage this node's value lives in (itself unless it is a view)."""
         return self.index if self.alias is None else self.alias
-
-    @property
-    def location(self) -> str:
-        """Where the user created the node: ``line 3`` in a notebook cell, ``script.py:12`` in a file."""
-        return describe_location(self.filename, self.lineno)
-
-    @property
-    def source_line(self) -> str:
-        """The code on the user's line that created the node (without a trailing comment), if it can be found."""
-        return source_text(self.filename, self.lineno)
 
     def describe(self) -> str:
         """A short, readable description: ``model.layers[5].output``, ``setitem``, ``x.sum()``."""
@@ -184,7 +190,7 @@ def source_text(filename: str, lineno: int) -> str:
     return text
 
 
-class SourceLine:
+class SourceLine(Located):
     """A place in the user's code (``filename``, ``lineno``), read like a node's for errors.
 
     In [1]: SourceLine("cell.py", 3).location
@@ -201,13 +207,6 @@ class SourceLine:
         """The user's line that is running now."""
         return cls(*user_location())
 
-    @property
-    def location(self) -> str:
-        return describe_location(self.filename, self.lineno)
-
-    @property
-    def source_line(self) -> str:
-        return source_text(self.filename, self.lineno)
 
 
 def user_line() -> str:
