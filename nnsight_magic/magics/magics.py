@@ -100,7 +100,7 @@ class TraceMagics(Magics):
         autosave = self.autosave and not args.no_autosave
         namespace = self.shell.user_ns
         names = code.rewritten.assigned if autosave else []
-        bindings = CellBindings(namespace, code.rewritten.assigned + [args.tracer, RESULT_NAME])
+        bindings = CellBindings(namespace, code.rewritten.referenced)
         namespace[RUNTIME] = runtime
         if session is not None:
             session.session.activate()
@@ -112,7 +112,7 @@ class TraceMagics(Magics):
             with tracer:
                 with runtime.printing_into(tracer):
                     exec(code.code, namespace)
-                bindings.save_traced(names + [RESULT_NAME], lambda proxy: proxy.tracer is tracer)
+                bindings.save_traced(names + [RESULT_NAME], lambda proxy: proxy.tracer is tracer, containers=autosave)
         except BaseException as error:
             bindings.restore()
             trim_to_user_code(error, code.filename)
@@ -122,6 +122,7 @@ class TraceMagics(Magics):
                 session.session.deactivate()
             for helper in code.rewritten.helpers:
                 namespace.pop(helper, None)
+        bindings.settle()
         if args.scan:
             return namespace.pop(RESULT_NAME, None)  # proxies with shapes: nothing ran
         if session is not None:
@@ -192,7 +193,7 @@ class TraceMagics(Magics):
         code = compile_cell(self.shell, f"%%session {line.strip()}".rstrip(), cell)
         namespace = self.shell.user_ns
         names = code.rewritten.assigned if self.autosave and not args.no_autosave else []
-        bindings = CellBindings(namespace, code.rewritten.assigned + [RESULT_NAME])
+        bindings = CellBindings(namespace, code.rewritten.referenced)
         namespace[RUNTIME] = runtime
         session = Session()
         try:
@@ -204,7 +205,7 @@ class TraceMagics(Magics):
                 for helper in code.rewritten.helpers:
                     namespace.pop(helper, None)
             bindings.save_traced(names + [RESULT_NAME], lambda proxy: proxy.tracer is not None and
-                                 proxy.tracer.session is session)
+                                 proxy.tracer.session is session, containers=bool(names))
             session.run()
         except BaseException as error:
             if session.status == OPEN:

@@ -39,18 +39,21 @@ class RewrittenCell:
         assigned: names the cell binds at its top level (candidates for autosave), in order of appearance.
         helpers: names of helper variables the rewrite binds at the top level (removed after the cell).
         has_result: the last statement was an expression; its value is bound to ``RESULT_NAME``.
+        referenced: every name the cell mentions, in any scope (whose lists and dicts a failing cell restores).
     """
 
     tree: ast.Module
     assigned: list[str]
     helpers: set[str] = field(default_factory=set)
     has_result: bool = False
+    referenced: list[str] = field(default_factory=list)
 
 
 def rewrite_cell(tree: ast.Module) -> RewrittenCell:
     """Apply every rewrite to a parsed cell body (see the module docstring)."""
     reject_top_level_await(tree)
     assigned = autosave_names(tree)
+    referenced = list(dict.fromkeys(node.id for node in ast.walk(tree) if isinstance(node, ast.Name)))
     has_result = capture_last_expression(tree)
     names = itertools.count()
     lowering = IfLowering(names)
@@ -58,7 +61,7 @@ def rewrite_cell(tree: ast.Module) -> RewrittenCell:
                         LoopLowering(), WhileGuard(), lowering):
         tree = transformer.visit(tree)
     ast.fix_missing_locations(tree)
-    return RewrittenCell(tree, assigned, lowering.top_level_helpers, has_result)
+    return RewrittenCell(tree, assigned, lowering.top_level_helpers, has_result, referenced)
 
 
 # ---------------------------------------------------------------------------------------------- analysis
