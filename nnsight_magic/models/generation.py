@@ -78,8 +78,8 @@ def first_step_runner(forward: Callable[..., Any], accepts: set[str], options: d
     sequences = options.get("num_return_sequences") or 1
     step_kwargs = {key: value for key, value in (("use_cache", True), ("logits_to_keep", 1)) if key in accepts}
 
-    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        forward(input_ids, attention_mask, step_kwargs)
+    def run(twin: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        forward(input_ids, attention_mask, step_kwargs, twin)
         if new_tokens is None:
             return None  # the result's shape is unknown: a dict of outputs, or a length HF derives from max_length
         return input_ids.new_zeros((input_ids.shape[0] * sequences, input_ids.shape[1] + new_tokens))
@@ -101,21 +101,21 @@ def decode_step_scan(root: torch.nn.Module, forward: Callable[..., Any], accepts
         return None
     step_kwargs = {key: value for key, value in (("use_cache", True), ("logits_to_keep", 1)) if key in accepts}
     try:
-        prompt = ModuleScan.run(root, lambda input_ids, attention_mask: forward(input_ids, attention_mask, step_kwargs),
-                                (), inputs)
+        prompt = ModuleScan.run(root, lambda twin, input_ids, attention_mask: forward(input_ids, attention_mask,
+                                                                                     step_kwargs, twin), (), inputs)
         cache = getattr(prompt.result, "cache", None) or getattr(prompt.result, "past_key_values", None)
         if cache is None:
             return None
 
-        def decode(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        def decode(twin: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
             token = input_ids.new_zeros((input_ids.shape[0], 1))
             mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=1)
             kwargs = {**step_kwargs, cache_keyword: cache}
             if "position_ids" in accepts:
                 kwargs["position_ids"] = mask.long().sum(-1, keepdim=True) - 1  # the new token's position
-            return forward(token, mask, kwargs)
+            return forward(token, mask, kwargs, twin)
 
-        return ModuleScan.run(root, decode, (), inputs)
+        return ModuleScan.run(root, decode, (), inputs, twin=prompt.twin)  # the twin whose fake cache it reads
     except ScanFailed:
         return None
 

@@ -197,14 +197,16 @@ class LanguageModel(NNsight):
         """The fake-tensor scan runs one forward pass: of the prompt, called as generation's step 0 calls it."""
         if options.get(GENERATE):
             return first_step_runner(self._forward, self._forward_parameters, options)
-        return lambda input_ids, attention_mask: self._forward(input_ids, attention_mask, options)
+        return lambda twin, input_ids, attention_mask: self._forward(input_ids, attention_mask, options, twin)
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, extra: dict) -> Any:
-        """Call the model; position ids count from each prompt's first real token (as HF ``generate`` does)."""
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, extra: dict,
+                 module: torch.nn.Module | None = None) -> Any:
+        """Call the model (or its scan twin); position ids count from each prompt's first real token (as HF
+        ``generate`` does)."""
         kwargs = dict(extra)
         if "position_ids" in self._forward_parameters and "position_ids" not in kwargs:
             kwargs["position_ids"] = position_ids(attention_mask)
-        return self._module(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return (module or self._module)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # ---------------------------------------------------------------------------------------- conveniences
     @property

@@ -154,8 +154,8 @@ class NNsight(Envoy):
         return True
 
     def _scan_runner(self, options: dict) -> Any:
-        """The callable a fake-tensor scan runs: one forward pass."""
-        return self._module
+        """The callable a fake-tensor scan runs, given the model's fake twin: one forward pass."""
+        return lambda twin, *args, **kwargs: twin(*args, **kwargs)
 
     def _scan(self, prepared: PreparedInput, options: dict, step: int = 0) -> ModuleScan | None:
         """The fake-tensor scan for this input signature (cached), or ``None`` when the model cannot be scanned.
