@@ -153,6 +153,7 @@ class ModuleScan:
             into a module call can only depend on events at or before that call's own position.
         result: the fake value the run returned.
         twin: the model's fake twin the scan ran (see :mod:`~nnsight_magic.tracing.twin`).
+        fake_inputs: the fake ``(args, kwargs)`` it ran on (a decoding step's scan continues from them).
     """
 
     def __init__(self, fake_mode: fake_tensor.FakeTensorMode):
@@ -162,10 +163,12 @@ class ModuleScan:
         self.order: dict[tuple[str, str, int], int] = {}
         self.result: Any = None
         self.twin: torch.nn.Module | None = None
+        self.fake_inputs: tuple[tuple, dict] = ((), {})
 
     @classmethod
     def run(cls, root: torch.nn.Module, runner: Callable[..., Any], args: tuple, kwargs: dict, *,
-            twin: torch.nn.Module | None = None) -> "ModuleScan":
+            twin: torch.nn.Module | None = None,
+            fake_mode: fake_tensor.FakeTensorMode | None = None) -> "ModuleScan":
         """Run ``runner(twin, *args, **kwargs)`` on fake copies of the inputs, recording every module call.
 
         ``twin`` is a :func:`~nnsight_magic.tracing.twin.fake_twin` of ``root`` (made here when not given; a
@@ -173,9 +176,11 @@ class ModuleScan:
         its buffers and attributes stay as they are. The twin keeps the model's hooks (Hugging Face records
         ``hidden_states`` through them), so a hook of yours also runs once per scan, on the twin's module and
         fake tensors; ``isinstance(output, torch._subclasses.fake_tensor.FakeTensor)`` tells it apart.
-        Raises :class:`ScanFailed` (with the reason) when the model cannot run on fake tensors.
+        ``fake_mode`` is the shared one unless given (a symbolic scan's mode, see :mod:`.symbolic`); inputs that
+        are already fake tensors of it are used as they are. Raises :class:`ScanFailed` (with the reason) when
+        the model cannot run on fake tensors.
         """
-        scan = cls(shared_fake_mode())
+        scan = cls(fake_mode or shared_fake_mode())
         try:
             scan.twin = twin if twin is not None else fake_twin(root, scan.fake_mode)
         except TwinFailed as error:
@@ -186,6 +191,7 @@ class ModuleScan:
                 warnings.simplefilter("ignore")
                 fake_args = tree_map(scan._to_fake, args)
                 fake_kwargs = tree_map(scan._to_fake, kwargs)
+                scan.fake_inputs = (fake_args, fake_kwargs)
                 scan.result = runner(scan.twin, *fake_args, **fake_kwargs)
         except Exception as error:  # any failure means "no shapes", never a failed trace
             raise ScanFailed(f"{type(error).__name__}: {error}") from error
@@ -211,7 +217,10 @@ class ModuleScan:
         return handles
 
     def _to_fake(self, value: Any) -> Any:
-        return self.fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+        if not isinstance(value, torch.Tensor) or \
+                (isinstance(value, fake_tensor.FakeTensor) and value.fake_mode is self.fake_mode):
+            return value
+        return self.fake_mode.from_tensor(value)
 
     def _recorder(self, paths: list[str], kind: str) -> Callable:
         def record(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any = None) -> None:
