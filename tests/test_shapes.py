@@ -28,7 +28,7 @@ class Counting(torch.nn.Module):
 
 
 def test_every_module_call_gets_its_fake_output_and_position(tiny):
-    scan = ModuleScan.run(tiny, tiny, (torch.rand(2, 5),), {})
+    scan = ModuleScan.run(tiny, lambda twin, x: twin(x), (torch.rand(2, 5),), {})
     assert scan.output("layer1", 0).shape == (2, 10) and scan.output("layer2", 0).shape == (2, 2)
     assert scan.output("", 0).shape == (2, 2) and scan.output("layer1", 1) is None
     assert scan.input("layer2", 0)[0][0].shape == (2, 10)

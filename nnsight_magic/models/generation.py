@@ -32,6 +32,7 @@ from ..intervention.tracer import Tracer
 from ..tracing.graph import StepSet
 from ..tracing.node import user_line
 from ..tracing.shapes import ModuleScan, ScanFailed
+from ..tracing.symbolic import Roles, SymbolicScan
 
 GENERATE = "generate"  # the run option that makes a LanguageModel run ``generate`` instead of one forward pass
 
@@ -68,8 +69,8 @@ def first_step_runner(forward: Callable[..., Any], accepts: set[str], options: d
     sequences = options.get("num_return_sequences") or 1
     step_kwargs = {key: value for key, value in (("use_cache", True), ("logits_to_keep", 1)) if key in accepts}
 
-    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        forward(input_ids, attention_mask, step_kwargs)
+    def run(twin: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        forward(input_ids, attention_mask, step_kwargs, twin)
         if new_tokens is None:
             return None  # the result's shape is unknown: a dict of outputs, or a length HF derives from max_length
         return input_ids.new_zeros((input_ids.shape[0] * sequences, input_ids.shape[1] + new_tokens))
@@ -77,37 +78,44 @@ def first_step_runner(forward: Callable[..., Any], accepts: set[str], options: d
     return run
 
 
-def decode_step_scan(root: torch.nn.Module, forward: Callable[..., Any], accepts: set[str],
-                     inputs: dict) -> ModuleScan | None:
-    """The fake-tensor scan of a decoding step (step 1 and later), or ``None`` when the model cannot be scanned.
+def decode_step_scan(root: torch.nn.Module, forward: Callable[..., Any], accepts: set[str], inputs: dict,
+                     roles: Roles | None = None) -> ModuleScan | SymbolicScan:
+    """The fake-tensor scan of a decoding step (step 1 and later); raises :class:`ScanFailed` when there is none.
 
     A fake prompt pass fills a fake key/value cache; then one decoding step runs on a new token, with the cache,
-    the mask one position longer and the next position id, as HF ``generate`` calls it. Its module values have
-    sequence length 1, so shapes shown for later steps are the real ones (the cache grows from step to step;
-    only values that span it, such as attention weights, are shown at their step-1 size).
+    the mask one position longer and the next position id, as HF ``generate`` calls it, on the same twin. Its
+    module values have sequence length 1, so shapes shown for later steps are the real ones (the cache grows from
+    step to step; values that span it, such as attention weights, are shown at their step-1 size). With ``roles``
+    the prompt's batch and length are symbolic (a :class:`SymbolicScan`): the cache length is then symbolic too,
+    and one scan serves every prompt length.
     """
     cache_keyword = next((name for name in ("cache", "past_key_values") if name in accepts), None)
     if cache_keyword is None:
-        return None
+        raise ScanFailed("the model's forward takes no key/value cache")
     step_kwargs = {key: value for key, value in (("use_cache", True), ("logits_to_keep", 1)) if key in accepts}
-    try:
-        prompt = ModuleScan.run(root, lambda input_ids, attention_mask: forward(input_ids, attention_mask, step_kwargs),
-                                (), inputs)
-        cache = getattr(prompt.result, "cache", None) or getattr(prompt.result, "past_key_values", None)
-        if cache is None:
-            return None
 
-        def decode(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    def prompt(twin: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        return forward(input_ids, attention_mask, step_kwargs, twin)
+
+    def decode_after(prompt_scan: ModuleScan) -> ModuleScan:
+        cache = getattr(prompt_scan.result, "cache", None) or getattr(prompt_scan.result, "past_key_values", None)
+        if cache is None:
+            raise ScanFailed("the prompt's pass returned no key/value cache")
+
+        def decode(twin: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
             token = input_ids.new_zeros((input_ids.shape[0], 1))
             mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=1)
             kwargs = {**step_kwargs, cache_keyword: cache}
             if "position_ids" in accepts:
                 kwargs["position_ids"] = mask.long().sum(-1, keepdim=True) - 1  # the new token's position
-            return forward(token, mask, kwargs)
+            return forward(token, mask, kwargs, twin)
 
-        return ModuleScan.run(root, decode, (), inputs)
-    except ScanFailed:
-        return None
+        return ModuleScan.run(root, decode, *prompt_scan.fake_inputs, twin=prompt_scan.twin,  # its fake cache
+                              fake_mode=prompt_scan.fake_mode)
+
+    if roles:
+        return SymbolicScan.run(root, prompt, (), inputs, roles=roles, then=decode_after)
+    return decode_after(ModuleScan.run(root, prompt, (), inputs))
 
 
 class GenerationTracer(Tracer):

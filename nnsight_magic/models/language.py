@@ -24,6 +24,7 @@ Inputs are moved to the device of the input embeddings, so a model on a GPU, or 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Mapping
@@ -32,10 +33,10 @@ from typing import Any
 import torch
 
 from ..intervention.tracer import Tracer
-from ..tracing.shapes import ModuleScan
+from ..tracing.symbolic import Roles
 from .generation import GENERATE, GenerationTracer, decode_step_scan, first_step_runner, generation_options, \
     hf_generate_kwargs, user_line
-from .nnsight import SCAN_CACHE_SIZE, NNsight, PreparedInput, input_signature
+from .nnsight import NNsight, PreparedInput
 
 INPUT_KEYWORDS = ("input_ids", "attention_mask")
 DEFAULT_NEW_TOKENS = 20
@@ -181,30 +182,33 @@ class LanguageModel(NNsight):
         """A forward pass returns the model's output; ``generate`` returns token ids."""
         return not options.get(GENERATE)
 
-    def _scan(self, prepared: PreparedInput, options: dict, step: int = 0) -> ModuleScan | None:
-        """The prompt's scan; for generation steps after the first, a decoding step's scan (both cached)."""
+    def _scan(self, prepared: PreparedInput, options: dict, step: int = 0) -> Any:
+        """The prompt's scan; for generation steps after the first, a decoding step's scan (both cached, and both
+        symbolic in the batch size and the prompt length: one scan serves every prompt)."""
         if not step or not options.get(GENERATE):
             return super()._scan(prepared, options)
-        key = ("decoding step", input_signature(prepared.kwargs), input_signature(options))
-        cache = self._scan_cache
-        if key not in cache:
-            cache[key] = decode_step_scan(self._module, self._forward, self._forward_parameters, prepared.kwargs)
-            if len(cache) > SCAN_CACHE_SIZE:
-                cache.popitem(last=False)
-        return cache[key]
+        decode = functools.partial(decode_step_scan, self._module, self._forward, self._forward_parameters,
+                                   prepared.kwargs)
+        return self._cached_scan(("decoding step",), prepared, options, concrete=decode, symbolic=decode, quiet=True)
+
+    def _symbolic_roles(self) -> Roles:
+        """Token ids and the attention mask are ``(batch, length)``: both sizes may be symbolic."""
+        return {"input_ids": (0, 1), "attention_mask": (0, 1)}
 
     def _scan_runner(self, options: dict) -> Any:
         """The fake-tensor scan runs one forward pass: of the prompt, called as generation's step 0 calls it."""
         if options.get(GENERATE):
             return first_step_runner(self._forward, self._forward_parameters, options)
-        return lambda input_ids, attention_mask: self._forward(input_ids, attention_mask, options)
+        return lambda twin, input_ids, attention_mask: self._forward(input_ids, attention_mask, options, twin)
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, extra: dict) -> Any:
-        """Call the model; position ids count from each prompt's first real token (as HF ``generate`` does)."""
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, extra: dict,
+                 module: torch.nn.Module | None = None) -> Any:
+        """Call the model (or its scan twin); position ids count from each prompt's first real token (as HF
+        ``generate`` does)."""
         kwargs = dict(extra)
         if "position_ids" in self._forward_parameters and "position_ids" not in kwargs:
             kwargs["position_ids"] = position_ids(attention_mask)
-        return self._module(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return (module or self._module)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # ---------------------------------------------------------------------------------------- conveniences
     @property

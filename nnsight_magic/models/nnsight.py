@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -31,6 +31,7 @@ from ..intervention.envoy import Envoy
 from ..intervention.session import Session
 from ..intervention.tracer import Tracer
 from ..tracing.shapes import ModuleScan, ScanFailed
+from ..tracing.symbolic import ConcreteScan, Roles, SymbolicScan
 
 SCAN_CACHE_SIZE = 8
 
@@ -61,6 +62,9 @@ class NNsight(Envoy):
         object.__setattr__(self, "_edits", [])
         object.__setattr__(self, "_scan_cache", collections.OrderedDict())
         object.__setattr__(self, "_scan_failures", set())
+        # pattern of sizes -> the first input signature seen, then its SymbolicScan (None: none possible)
+        object.__setattr__(self, "_symbolic_scans", {})
+        object.__setattr__(self, "_symbolic_fallback", False)  # the model guards on sizes: concrete scans only
 
     # ----------------------------------------------------------------------------------------- contexts
     def trace(self, *inputs: Any, validate: bool = True, grad: bool | None = None, **kwargs: Any) -> Tracer:
@@ -168,29 +172,77 @@ class NNsight(Envoy):
         return True
 
     def _scan_runner(self, options: dict) -> Any:
-        """The callable a fake-tensor scan runs: one forward pass."""
-        return self._module
+        """The callable a fake-tensor scan runs, given the model's fake twin: one forward pass."""
+        return lambda twin, *args, **kwargs: twin(*args, **kwargs)
 
-    def _scan(self, prepared: PreparedInput, options: dict, step: int = 0) -> ModuleScan | None:
+    def _scan(self, prepared: PreparedInput, options: dict, step: int = 0) -> ModuleScan | ConcreteScan | None:
         """The fake-tensor scan for this input signature (cached), or ``None`` when the model cannot be scanned.
 
         ``step`` is the generation step whose module calls are wanted; one forward pass has only step 0, so the
         default ignores it (``LanguageModel`` scans a decoding step for steps after the first).
         """
-        key = (input_signature(prepared.args), input_signature(prepared.kwargs), input_signature(options))
+        runner = self._scan_runner(options)
+        return self._cached_scan(
+            ("forward",), prepared, options,
+            concrete=lambda: ModuleScan.run(self._module, runner, prepared.args, prepared.kwargs),
+            symbolic=lambda roles: SymbolicScan.run(self._module, runner, prepared.args, prepared.kwargs,
+                                                    roles=roles))
+
+    def _symbolic_roles(self) -> Roles | None:
+        """The input sizes one scan may leave symbolic (keyword -> dims), or ``None``: a plain module's inputs
+        have no known batch or sequence dims, so it gets one concrete scan per input shape."""
+        return None
+
+    def _cached_scan(self, kind: tuple, prepared: PreparedInput, options: dict, *, concrete: Callable[[], Any],
+                     symbolic: Callable[[Roles], SymbolicScan], quiet: bool = False) -> Any:
+        """The scan of ``kind`` for ``prepared``: cached per input signature; with symbolic roles, made from the one
+        symbolic scan of the model (per pattern of sizes 0 and 1) by substituting this input's sizes.
+
+        The first input shape of a pattern gets a concrete scan (several times cheaper than a symbolic one, so a
+        model's first trace starts fast); the second shape makes the symbolic scan that serves every later one.
+
+        A model whose code depends on a symbolic size (guards) or cannot run with symbolic sizes falls back to one
+        concrete scan per input shape, with one warning. A model that cannot be scanned at all has no shapes
+        (warned once per model type unless ``quiet``).
+        """
+        key = kind + (input_signature(prepared.args), input_signature(prepared.kwargs), input_signature(options))
         cache = self._scan_cache
         if key in cache:
             cache.move_to_end(key)
             return cache[key]
-        try:
-            scan = ModuleScan.run(self._module, self._scan_runner(options), prepared.args, prepared.kwargs)
-        except ScanFailed as reason:
-            if type(self._module) not in self._scan_failures:
-                self._scan_failures.add(type(self._module))
-                warn_at_user_line(f"shapes are unavailable for {type(self._module).__name__}: it could not run "
-                                  f"on fake tensors ({reason}). Traces still run; order problems are found while "
-                                  "they run.")
-            scan = None
+        roles = self._symbolic_roles()
+        symbolic_scan, reason = None, None
+        pattern = None if roles is None else kind + (input_signature(prepared.args),
+                                                     symbolic_signature(prepared.kwargs, roles), input_signature(options))
+        if pattern is not None and not self._symbolic_fallback:
+            first = self._symbolic_scans.setdefault(pattern, key)
+            if isinstance(first, tuple) and first != key:  # a second input shape of this pattern: scan symbolically
+                try:
+                    self._symbolic_scans[pattern] = symbolic(roles)
+                except ScanFailed as failure:
+                    self._symbolic_scans[pattern], reason = None, failure
+            symbolic_scan = self._symbolic_scans[pattern]
+            if isinstance(symbolic_scan, tuple):
+                symbolic_scan = None  # the first shape of its pattern: a concrete scan
+            elif symbolic_scan is not None and symbolic_scan.guarded:
+                symbolic_scan, reason = None, "its code depends on the batch size or the sequence length"
+        if symbolic_scan is not None:
+            scan = symbolic_scan.at(prepared.kwargs)
+        else:
+            try:
+                scan = concrete()
+                if reason is not None:
+                    object.__setattr__(self, "_symbolic_fallback", True)
+                    warn_at_user_line(f"{type(self._module).__name__} is scanned once per input shape, not once "
+                                      f"for all lengths: {reason}. Shapes stay exact; a new length costs one fake "
+                                      "forward pass.")
+            except ScanFailed as failure:
+                scan = None
+                if not quiet and type(self._module) not in self._scan_failures:
+                    self._scan_failures.add(type(self._module))
+                    warn_at_user_line(f"shapes are unavailable for {type(self._module).__name__}: it could not "
+                                      f"run on fake tensors ({failure}). Traces still run; order problems are found "
+                                      "while they run.")
         cache[key] = scan
         if len(cache) > SCAN_CACHE_SIZE:
             cache.popitem(last=False)
@@ -227,10 +279,21 @@ class NNsight(Envoy):
         """Move the model (``net.to("cuda")``); returns the wrapper."""
         self._module.to(*args, **kwargs)
         self._scan_cache.clear()
+        self._symbolic_scans.clear()
         return self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._module!r})"
+
+
+def symbolic_signature(kwargs: dict, roles: Roles) -> Any:
+    """:func:`input_signature` of keyword inputs with each symbolic size (2 or more, in a role's dim) as ``"*"``."""
+    def pattern(name: str, value: Any) -> Any:
+        if name not in roles or not isinstance(value, torch.Tensor):
+            return input_signature(value)
+        shape = tuple("*" if dim in roles[name] and size >= 2 else size for dim, size in enumerate(value.shape))
+        return ("tensor", shape, value.dtype, value.device.type)
+    return tuple((name, pattern(name, value)) for name, value in sorted(kwargs.items(), key=lambda kv: str(kv[0])))
 
 
 def input_signature(value: Any) -> Any:

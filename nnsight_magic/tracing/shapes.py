@@ -1,12 +1,13 @@
 """Shapes before running: a fake-tensor scan of the model, and fake values for every node.
 
-A :class:`ModuleScan` runs the model once under ``FakeTensorMode`` (no real compute, no real memory) with hooks on
-every module, recording each module call's fake inputs and output and the order in which calls start and end.
+A :class:`ModuleScan` runs the model's fake twin (:mod:`.twin`: the same modules, fake tensors, no state shared
+with the model, so a scan never changes the model) once under ``FakeTensorMode`` (no real compute, no real
+memory) with hooks on every module, recording each module call's fake inputs and output and the order in which calls start and end.
 :class:`ShapeInference` then gives every node its fake value by running the node's op on its arguments' fake
 values, so ``proxy.shape`` is a real ``torch.Size`` while the cell is still being built, and a bad index or a
 mismatched assignment raises its usual error at the user's line, before the model runs.
 
-In [1]: scan = ModuleScan.run(net, lambda x: net(x), (torch.rand(1, 5),), {})
+In [1]: scan = ModuleScan.run(net, lambda twin, x: twin(x), (torch.rand(1, 5),), {})
 In [2]: scan.output("layer1", 0).shape, scan.order[("layer1", "output", 0)]
 Out[2]: (torch.Size([1, 10]), 2)
 """
@@ -29,6 +30,7 @@ from ..errors import annotate
 from .graph import written_node
 from .interpreter import Interpreter
 from .node import Node, map_nodes
+from .twin import TwinFailed, fake_twin
 
 _FAKE_LIMITATIONS = (
     fake_tensor.DataDependentOutputException, fake_tensor.DynamicOutputShapeException,
@@ -151,6 +153,8 @@ class ModuleScan:
         order: ``(path, "input" | "output", call) -> position`` in the sequence of hook events; a value written
             into a module call can only depend on events at or before that call's own position.
         result: the fake value the run returned.
+        twin: the model's fake twin the scan ran (see :mod:`~nnsight_magic.tracing.twin`).
+        fake_inputs: the fake ``(args, kwargs)`` it ran on (a decoding step's scan continues from them).
     """
 
     def __init__(self, fake_mode: fake_tensor.FakeTensorMode):
@@ -159,17 +163,46 @@ class ModuleScan:
         self.inputs: dict[str, list[tuple[tuple, dict]]] = {}
         self.order: dict[tuple[str, str, int], int] = {}
         self.result: Any = None
+        self.twin: torch.nn.Module | None = None
+        self.fake_inputs: tuple[tuple, dict] = ((), {})
 
     @classmethod
-    def run(cls, root: torch.nn.Module, runner: Callable[..., Any], args: tuple, kwargs: dict) -> "ModuleScan":
-        """Run ``runner(*args, **kwargs)`` on fake copies of the inputs, recording every module call of ``root``.
+    def run(cls, root: torch.nn.Module, runner: Callable[..., Any], args: tuple, kwargs: dict, *,
+            twin: torch.nn.Module | None = None,
+            fake_mode: fake_tensor.FakeTensorMode | None = None) -> "ModuleScan":
+        """Run ``runner(twin, *args, **kwargs)`` on fake copies of the inputs, recording every module call.
 
-        The model runs as it is, hooks included: models rely on their own forward hooks (Hugging Face records
-        ``hidden_states`` through them), so a hook of yours also sees this fake run once per new input shape;
-        ``isinstance(output, torch._subclasses.fake_tensor.FakeTensor)`` tells it apart. Raises
-        :class:`ScanFailed` (with the reason) when the model cannot run on fake tensors.
+        ``twin`` is a :func:`~nnsight_magic.tracing.twin.fake_twin` of ``root`` (made here when not given; a
+        decoding-step scan passes the twin of its prompt's scan): the scan never touches ``root`` itself, so
+        its buffers and attributes stay as they are. The twin keeps the model's hooks (Hugging Face records
+        ``hidden_states`` through them), so a hook of yours also runs once per scan, on the twin's module and
+        fake tensors; ``isinstance(output, torch._subclasses.fake_tensor.FakeTensor)`` tells it apart.
+        ``fake_mode`` is the shared one unless given (a symbolic scan's mode, see :mod:`.symbolic`); inputs that
+        are already fake tensors of it are used as they are. Raises :class:`ScanFailed` (with the reason) when
+        the model cannot run on fake tensors.
         """
-        scan = cls(shared_fake_mode())
+        scan = cls(fake_mode or shared_fake_mode())
+        try:
+            scan.twin = twin if twin is not None else fake_twin(root, scan.fake_mode)
+        except TwinFailed as error:
+            raise ScanFailed(str(error)) from error
+        handles = scan._hook(scan.twin)
+        try:
+            with scan.fake_mode, torch.no_grad(), quiet_fake_errors(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fake_args = tree_map(scan._to_fake, args)
+                fake_kwargs = tree_map(scan._to_fake, kwargs)
+                scan.fake_inputs = (fake_args, fake_kwargs)
+                scan.result = runner(scan.twin, *fake_args, **fake_kwargs)
+        except Exception as error:  # any failure means "no shapes", never a failed trace
+            raise ScanFailed(f"{type(error).__name__}: {error}") from error
+        finally:
+            for handle in handles:
+                handle.remove()
+        return scan
+
+    def _hook(self, root: torch.nn.Module) -> list:
+        """Recording hooks on every module of ``root`` (a module reachable by several paths records each)."""
         paths: dict[int, list[str]] = {}
         for path, module in root.named_modules(remove_duplicate=False):
             paths.setdefault(id(module), []).append(path)
@@ -180,23 +213,15 @@ class ModuleScan:
                 continue
             seen_modules.add(id(module))
             module_paths = paths[id(module)]
-            handles.append(module.register_forward_pre_hook(scan._recorder(module_paths, "input"), with_kwargs=True))
-            handles.append(module.register_forward_hook(scan._recorder(module_paths, "output"), with_kwargs=True))
-        try:
-            with scan.fake_mode, torch.no_grad(), quiet_fake_errors(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fake_args = tree_map(scan._to_fake, args)
-                fake_kwargs = tree_map(scan._to_fake, kwargs)
-                scan.result = runner(*fake_args, **fake_kwargs)
-        except Exception as error:  # any failure means "no shapes", never a failed trace
-            raise ScanFailed(f"{type(error).__name__}: {error}") from error
-        finally:
-            for handle in handles:
-                handle.remove()
-        return scan
+            handles.append(module.register_forward_pre_hook(self._recorder(module_paths, "input"), with_kwargs=True))
+            handles.append(module.register_forward_hook(self._recorder(module_paths, "output"), with_kwargs=True))
+        return handles
 
     def _to_fake(self, value: Any) -> Any:
-        return self.fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+        if not isinstance(value, torch.Tensor) or \
+                (isinstance(value, fake_tensor.FakeTensor) and value.fake_mode is self.fake_mode):
+            return value
+        return self.fake_mode.from_tensor(value)
 
     def _recorder(self, paths: list[str], kind: str) -> Callable:
         owner = threading.get_ident()  # a forward pass of the same model in another thread is not this scan's
