@@ -78,7 +78,11 @@ class NNsight(Envoy):
         return Tracer(self, inputs, kwargs, validate=validate, grad=grad)
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
-        """Build and shape-check a trace without running the model: ``proxy.shape`` works, ``.value`` does not."""
+        """Build and shape-check a trace without running the model: ``proxy.shape`` works, ``.value`` does not.
+
+        The shapes come from a fake run of the model's twin (:mod:`~nnsight_magic.tracing.twin`), so a scan never
+        changes the model: its buffers and the attributes its ``forward`` sets stay as they were.
+        """
         return Tracer(self, inputs, kwargs, scan_only=True)
 
     def session(self) -> Session:

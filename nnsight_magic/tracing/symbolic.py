@@ -11,8 +11,8 @@ then gets one concrete scan per input shape).
 In [1]: ids = torch.zeros(1, 7, dtype=torch.long)
 In [2]: symbolic = SymbolicScan.run(gpt2, lambda twin, input_ids: twin(input_ids=input_ids), (), {"input_ids": ids},
    ...:                             roles={"input_ids": (0, 1)})          # dim 0 is the batch, dim 1 the length
-In [3]: symbolic.output("transformer.h.0", 0).shape                      # the batch of 1 stays concrete
-Out[3]: torch.Size([1, s1, 768])
+In [3]: symbolic.output("transformer.h.0", 0).shape      # the batch of 1 stays concrete; s26 is the length
+Out[3]: torch.Size([1, s26, 768])
 In [4]: symbolic.at({"input_ids": torch.zeros(1, 12, dtype=torch.long)}).output("transformer.h.0", 0).shape
 Out[4]: torch.Size([1, 12, 768])
 
