@@ -116,6 +116,7 @@ class _Skeleton(torch.nn.Module):
         super().__init__()
         self._type_name = description["type"]
         self._extra = description.get("extra", "")
+        self._leaf_repr = description.get("repr", "")
         for name, child in description["children"]:
             self.add_module(name, skeleton(child))
 
@@ -125,6 +126,9 @@ class _Skeleton(torch.nn.Module):
     def extra_repr(self) -> str:
         return self._extra
 
+    def __repr__(self) -> str:
+        return self._leaf_repr or super().__repr__()
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{self._type_name}'s weights live on the server; call it inside a trace")
 
@@ -133,7 +137,7 @@ class _SkeletonList(torch.nn.ModuleList, _Skeleton):
     def __init__(self, description: dict):
         torch.nn.Module.__init__(self)
         self._type_name = description["type"]
-        self._extra = ""
+        self._extra = self._leaf_repr = ""
         for name, child in description["children"]:
             self.add_module(name, skeleton(child))
 

@@ -116,10 +116,12 @@ class Door:
             return _json(413, "the request is over this server's size limit")
         try:
             if action == "describe":
-                return Response(await model.worker.describe.remote(), media_type="application/octet-stream")
+                return Response(await _patiently(lambda: model.worker.describe.remote()),
+                                media_type="application/octet-stream")
             if action == "scan":
-                return Response(await model.worker.scan.remote(body), media_type="application/octet-stream")
-        except Exception as error:  # the model actor died; Ray restarts it
+                return Response(await _patiently(lambda: model.worker.scan.remote(body)),
+                                media_type="application/octet-stream")
+        except Exception as error:  # the model actor died for good
             return _json(503, f"the model's worker is unavailable ({type(error).__name__}); try again")
         if action == "run":
             return StreamingResponse(self._run(model, body), media_type="application/octet-stream")
@@ -169,9 +171,9 @@ class Door:
     async def _call(self, model: _Model, body: bytes, request_id: str) -> tuple[bytes, bytes]:
         import ray
         limits = self.limits
-        reference = model.worker.run.remote(body, request_id, limits.seconds, limits.max_response_bytes)
         try:
-            return RESULT, await asyncio.wait_for(reference, limits.seconds + limits.grace_seconds)
+            return RESULT, await asyncio.wait_for(_patiently(lambda: model.worker.run.remote(
+                body, request_id, limits.seconds, limits.max_response_bytes)), limits.seconds + limits.grace_seconds)
         except asyncio.TimeoutError:
             ray.kill(model.worker, no_restart=False)
             return ERROR, _error("TimeoutError", f"the request ran past the server's limit of {limits.seconds:g} s "
@@ -179,6 +181,20 @@ class Door:
         except ray.exceptions.RayActorError:
             return ERROR, _error("RuntimeError", "the model's worker stopped while running this request (Ray is "
                                                  "restarting it); run the trace again")
+
+
+async def _patiently(call: Any, seconds: float = 60.0) -> Any:
+    """``await call()``, calling again while Ray restarts the actor (``ActorUnavailableError``), for ``seconds``."""
+    import ray
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while True:
+        try:
+            return await call()
+        except ray.exceptions.ActorUnavailableError:
+            if loop.time() > end:
+                raise
+            await asyncio.sleep(0.2)
 
 
 def _status(data: dict) -> bytes:

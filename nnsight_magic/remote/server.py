@@ -52,7 +52,7 @@ class Server:
 
 
 def serve(model: Any, name: str, token: str, *, host: str = "127.0.0.1", port: int | None = None,
-          address: str | None = None, num_gpus: float | None = None, max_restarts: int = 3,
+          address: str | None = None, num_gpus: float | None = None, num_cpus: float = 0, max_restarts: int = 3,
           limits: Limits | None = None, timeout: float = 300.0) -> Server:
     """Serve ``model`` (an ``NNsight``/``LanguageModel``, or a hub id, directory or ``"embedded"``) as ``name``.
 
@@ -62,6 +62,7 @@ def serve(model: Any, name: str, token: str, *, host: str = "127.0.0.1", port: i
             ``None``; ``0`` picks a free port).
         address: a Ray cluster to join (``"auto"``, ``"ray://..."``); default: the running one, or a new local one.
         num_gpus: GPUs for the model actor (default: 1 when the cluster has a GPU, else 0).
+        num_cpus: CPUs Ray reserves for the model actor (0: it may share a node's CPUs with others).
     """
     import ray
     if not token:
@@ -72,12 +73,15 @@ def serve(model: Any, name: str, token: str, *, host: str = "127.0.0.1", port: i
     door, bound = _door(host, port, limits)
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    source = ray.put(_source(model))  # held by the Server: a restarted actor rebuilds the model from it
     worker = ray.remote(ModelWorker).options(
-        num_cpus=1 if ray.cluster_resources().get("CPU", 0) >= 2 else 0, num_gpus=num_gpus,
-        max_restarts=max_restarts, max_concurrency=1).remote(_source(model), name, door)
+        num_cpus=num_cpus, num_gpus=num_gpus,
+        max_restarts=max_restarts, max_concurrency=1).remote(source, name, door)
     ray.get(worker.ready.remote(), timeout=timeout)
     ray.get(door.register.remote(name, worker, token_digest(token)), timeout=30)
-    return Server(f"http://{host}:{bound}", name, door, worker, host)
+    server = Server(f"http://{host}:{bound}", name, door, worker, host)
+    server._source = source
+    return server
 
 
 def _door(host: str, port: int | None, limits: Limits | None) -> tuple[Any, int]:

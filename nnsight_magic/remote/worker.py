@@ -47,7 +47,7 @@ def load_model(source: dict) -> Any:
 def module_tree(module: torch.nn.Module) -> dict:
     """The module tree without weights: each module's class name, ``extra_repr`` and children."""
     return {"type": type(module).__name__, "list": isinstance(module, torch.nn.ModuleList),
-            "extra": module.extra_repr(),
+            "extra": module.extra_repr(), "repr": "" if module._modules else repr(module),
             "children": [[name, module_tree(child)] for name, child in module._modules.items() if child is not None]}
 
 
@@ -120,8 +120,12 @@ class ModelWorker:
         door = self.door
 
         def on_step(step: int) -> None:
-            if door is not None:
-                door.step.remote(request_id, step)
+            if door is not None:  # waited for, so the client hears every step before the answer
+                import ray
+                try:
+                    ray.get(door.step.remote(request_id, step), timeout=5)
+                except ray.exceptions.RayError:
+                    pass
 
         return execute(self.model, header, blob, seconds=seconds, on_step=on_step, max_bytes=max_bytes)
 
