@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,3 +277,12 @@ def test_a_user_function_cannot_be_serialized(net, x):
     with pytest.raises(ValueError, match="secret is not on the allow-list") as caught:
         tracer.graph.to_json()
     assert "tracer.apply(secret" in str(caught.value)
+
+
+
+def test_the_remote_client_needs_no_ray():
+    code = "import sys, nnsight_magic.remote.client; assert 'ray' not in sys.modules, 'ray was imported'"
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr
