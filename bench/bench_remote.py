@@ -40,8 +40,15 @@ def main() -> None:
     from nnsight_magic.remote import RemoteModel, serve
 
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20,
-             _temp_dir=temp)
+    for attempt in range(3):  # on a busy machine Ray's agents can miss the raylet's 30 s start window
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20,
+                     _temp_dir=temp)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         local = LanguageModel(_model())
         server = serve(LanguageModel(_model()), name="gpt2", token="bench")

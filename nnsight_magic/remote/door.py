@@ -172,8 +172,10 @@ class Door:
         import ray
         limits = self.limits
         try:
-            return RESULT, await asyncio.wait_for(_patiently(lambda: model.worker.run.remote(
-                body, request_id, limits.seconds, limits.max_response_bytes)), limits.seconds + limits.grace_seconds)
+            await _patiently(lambda: model.worker.ready.remote())  # a restarting actor: wait until it is back
+            return RESULT, await asyncio.wait_for(
+                model.worker.run.remote(body, request_id, limits.seconds, limits.max_response_bytes),
+                limits.seconds + limits.grace_seconds)
         except asyncio.TimeoutError:
             ray.kill(model.worker, no_restart=False)
             return ERROR, _error("TimeoutError", f"the request ran past the server's limit of {limits.seconds:g} s "
