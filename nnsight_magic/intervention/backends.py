@@ -70,6 +70,9 @@ def run_trace(tracer: Tracer, bridges: dict[int, Any] | None = None, keep: froze
         on_update: told when ``proxy.update(value)`` changes a bridged value (the session keeps it).
     """
     model = tracer.model
+    elsewhere = getattr(type(model), "_run_elsewhere", None)
+    if elsewhere is not None:  # a model that lives on a server (nnsight_magic.remote) runs the graph there
+        return elsewhere(model, tracer, bridges, keep, on_update)
     prepared, groups = model._batch_inputs(tracer.invokes)
     observer = _fan_out(tracer.observers)
     execution = ModelExecution(tracer.graph, model._module, observer, align_devices=model._on_accelerator(),

@@ -337,6 +337,18 @@ class Graph:
         """The iteration block nodes are being created in, or ``None``."""
         return self._section_stack[-1] if self._section_stack else None
 
+    # ---------------------------------------------------------------------------------------------- as data
+    def to_json(self) -> str:
+        """This graph as JSON, tensors in a safetensors blob inside it (see :mod:`.serialize`)."""
+        from .serialize import to_json
+        return to_json(self)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Graph":
+        """The graph :meth:`to_json` wrote; refuses anything off the allow-list with a ``ValueError``."""
+        from .serialize import from_json
+        return from_json(text)
+
     # --------------------------------------------------------------------------------------------- inspection
     def entries(self) -> Iterator[Node]:
         """Every node whose value comes from outside the graph."""

@@ -1,0 +1,298 @@
+"""``RemoteModel``: trace a model that lives on a server as if it were here (no weights, no Ray: HTTP only).
+
+In [1]: from nnsight_magic.remote import RemoteModel
+In [2]: remote = RemoteModel("http://127.0.0.1:8737", "smol", token="s3cret")
+In [3]: with remote.trace("The Eiffel Tower is in"):
+   ...:     h = remote.model.layers[5].output.save()         # shapes known while building, from the server
+In [4]: h.value                                              # a tensor on this machine's CPU (or device=)
+
+The server sends the module tree (class names and children, no weights), the config, the tokenizer files and,
+per new input shape, a fake-tensor scan, so building a trace here is the local code: the same graph, the same
+errors at the same lines. When the block ends, the graph goes to the server as data; its answer binds the saved
+values. Invokes, ``generate`` with steps, ``.grad``, ``stop``, edits and ``%%trace remote "prompt"`` work
+unchanged; ``remote.session()`` sends all of a session's traces in one request. Observers of a trace hear
+``request_status("queued", place)``, ``request_status("running", None)`` and ``step_started(step)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import tempfile
+import urllib.parse
+from typing import Any
+
+import torch
+
+from ..intervention.session import Session
+from ..intervention.tracer import DONE, FAILED, RUNNING
+from ..models.language import LanguageModel
+from ..models.nnsight import SCAN_CACHE_SIZE, NNsight, input_signature
+from ..tracing.serialize import FakeDecoder
+from ..tracing.shapes import ModuleScan
+from .executor import decode_answer, encode_request
+from .wire import ERROR, RESULT, STATUS, decode_error, read_frame, unpack
+from .worker import encode_scan_request
+
+
+class Connection:
+    """HTTP to one model of a server: a new connection per request, so a restarted server is simply reached."""
+
+    def __init__(self, url: str, name: str, token: str | None, timeout: float, max_answer_bytes: int):
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"a server URL looks like http://HOST:PORT, not {url!r}")
+        self.url, self.name, self.token = url, name, token or ""
+        self.parsed = parsed
+        self.timeout = timeout
+        self.max_answer_bytes = max_answer_bytes
+
+    def post(self, action: str, body: bytes) -> http.client.HTTPResponse:
+        kind = http.client.HTTPSConnection if self.parsed.scheme == "https" else http.client.HTTPConnection
+        connection = kind(self.parsed.hostname, self.parsed.port, timeout=self.timeout)
+        path = f"{self.parsed.path.rstrip('/')}/v1/{urllib.parse.quote(self.name, safe='')}/{action}"
+        try:
+            connection.request("POST", path, body=body, headers={
+                "Authorization": f"Bearer {self.token}", "Content-Type": "application/octet-stream"})
+            response = connection.getresponse()
+        except OSError as error:
+            connection.close()
+            raise ConnectionError(f"cannot reach the model server at {self.url}: {error}") from error
+        if response.status != 200:
+            text = response.read()
+            connection.close()
+            try:
+                message = json.loads(text)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = text[:200].decode(errors="replace")
+            kind = {401: PermissionError, 404: LookupError, 413: ValueError}.get(response.status, ConnectionError)
+            raise kind(f"the model server at {self.url} refused: {message}")
+        return response
+
+    def call(self, action: str, body: bytes = b"") -> tuple[dict, bytes]:
+        response = self.post(action, body)
+        try:
+            header, blob = unpack(response.read())
+        finally:
+            response.close()
+        if "error" in header:
+            raise decode_error(header["error"])
+        return header, blob
+
+    def run(self, body: bytes, observers: list) -> bytes:
+        """Send a run request; tell ``observers`` its queue place, start and steps; return the answer's bytes."""
+        response = self.post("run", body)
+        try:
+            while True:
+                kind, payload = read_frame(response, self.max_answer_bytes)
+                if kind == STATUS:
+                    _tell(observers, json.loads(payload))
+                elif kind == RESULT:
+                    return payload
+                elif kind == ERROR:
+                    raise decode_error(json.loads(payload))
+                else:
+                    raise ConnectionError(f"the server sent an unknown frame {kind!r}")
+        finally:
+            response.close()
+
+
+def _tell(observers: list, status: dict) -> None:
+    for observer in observers:
+        if status.get("status") == "step":
+            observer.step_started(int(status["step"]))
+        else:
+            told = getattr(observer, "request_status", None)
+            if told is not None:
+                told(status.get("status"), status.get("place"))
+
+
+class _Skeleton(torch.nn.Module):
+    """A module of the server's model without weights: its class name, ``extra_repr`` and children."""
+
+    def __init__(self, description: dict):
+        super().__init__()
+        self._type_name = description["type"]
+        self._extra = description.get("extra", "")
+        self._leaf_repr = description.get("repr", "")
+        for name, child in description["children"]:
+            self.add_module(name, skeleton(child))
+
+    def _get_name(self) -> str:
+        return self._type_name
+
+    def extra_repr(self) -> str:
+        return self._extra
+
+    def __repr__(self) -> str:
+        return self._leaf_repr or super().__repr__()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{self._type_name}'s weights live on the server; call it inside a trace")
+
+
+class _SkeletonList(torch.nn.ModuleList, _Skeleton):
+    def __init__(self, description: dict):
+        torch.nn.Module.__init__(self)
+        self._type_name = description["type"]
+        self._extra = self._leaf_repr = ""
+        for name, child in description["children"]:
+            self.add_module(name, skeleton(child))
+
+
+def skeleton(description: dict) -> torch.nn.Module:
+    """The weightless module tree the server described."""
+    return (_SkeletonList if description.get("list") else _Skeleton)(description)
+
+
+class RemoteModel(NNsight):
+    """A model on a server, traced here; see the module docstring.
+
+    Args:
+        url: the server (``server.url``).
+        name: the model's name on the server.
+        token: the server's token for this model (a wrong or missing one raises ``PermissionError``).
+        device: where saved values arrive (default: this machine's CPU).
+        timeout: seconds to wait for the server (queue and run included).
+    """
+
+    def __new__(cls, url: str, name: str, token: str | None = None, **options: Any) -> "RemoteModel":
+        connection = Connection(url, name, token, options.get("timeout", 600.0),
+                                options.get("max_answer_bytes", 1 << 30))
+        description, _ = connection.call("describe")
+        kind = RemoteLanguageModel if description.get("language") else cls
+        instance = object.__new__(kind)
+        object.__setattr__(instance, "_pending", (connection, description))
+        return instance
+
+    def __init__(self, url: str, name: str, token: str | None = None, *, device: Any = None,
+                 timeout: float = 600.0, max_answer_bytes: int = 1 << 30):
+        connection, description = self.__dict__.pop("_pending")
+        module = skeleton(description["tree"])
+        _attach_configs(module, description)
+        if isinstance(self, LanguageModel):
+            LanguageModel.__init__(self, module, tokenizer=_tokenizer(description.get("tokenizer")))
+            object.__setattr__(self, "_forward_parameters", set(description.get("forward_parameters", ())))
+        else:
+            NNsight.__init__(self, module)
+        object.__setattr__(self, "_connection", connection)
+        object.__setattr__(self, "_result_device", device)
+        object.__setattr__(self, "_server_device", description.get("device"))
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def session(self) -> "RemoteSession":
+        """Several traces that run on the server as one request, later ones using earlier values."""
+        return RemoteSession()
+
+    def _scan(self, prepared: Any, options: dict, step: int = 0) -> ModuleScan | None:
+        """The server's fake-tensor scan of this input (cached per input signature)."""
+        step = step if options.get("generate") else 0
+        key = ("remote", step, input_signature(prepared.args), input_signature(prepared.kwargs),
+               input_signature(options))
+        cache = self._scan_cache
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        header, _ = self._connection.call("scan", encode_scan_request(prepared, options, step))
+        cache[key] = scan = _rebuild_scan(header)
+        if len(cache) > SCAN_CACHE_SIZE:
+            cache.popitem(last=False)
+        return scan
+
+    def _run_elsewhere(self, tracer: Any, bridges: dict | None, keep: frozenset, on_update: Any) -> Any:
+        """Run ``tracer`` on the server (``run_trace`` hands remote traces here)."""
+        request = encode_request([tracer], bridges=[bridges or {}], keep=[sorted(keep)])
+        (answer,) = self._send([tracer], request)
+        return answer
+
+    def _send(self, tracers: list, request: bytes) -> list:
+        observers = [observer for tracer in tracers for observer in tracer.observers]
+        for tracer in tracers:
+            tracer.status = RUNNING
+        answers: list = []
+        error: BaseException | None = None
+        try:
+            data = self._connection.run(request, observers)
+            answers, printed, error = decode_answer([tracer.graph for tracer in tracers], data, self._result_device)
+            if printed:
+                print(printed, end="")
+        except BaseException as exception:
+            error = exception
+        for position, tracer in enumerate(tracers):
+            answer = answers[position] if position < len(answers) else None
+            tracer.status = FAILED if error is not None else DONE
+            tracer._detach(answer)
+            for observer in tracer.observers:
+                if answer is not None:
+                    observer.run_finished(tracer, answer, error)
+        if error is not None:
+            raise error
+        return answers
+
+    def __repr__(self) -> str:
+        return f"RemoteModel({self._connection.name!r} at {self._connection.url}: {self._module!r})"
+
+
+class RemoteLanguageModel(RemoteModel, LanguageModel):
+    """A remote Hugging Face causal LM: ``trace``, ``generate`` and the tokenizer, as :class:`LanguageModel`."""
+
+
+class RemoteSession(Session):
+    """A session of remote traces: one request runs them all, in order, on the server."""
+
+    def run(self) -> None:
+        models = {id(getattr(tracer.model, "_connection", None)) for tracer in self.tracers}
+        if len(models) != 1 or getattr(self.tracers[0].model, "_connection", None) is None:
+            super().run()
+            return
+        model = self.tracers[0].model
+        self.status = "running"
+        try:
+            model._send(self.tracers, encode_request(self.tracers))
+        except BaseException:
+            self.status = "failed"
+            raise
+        self.status = "done"
+
+
+def _attach_configs(module: torch.nn.Module, description: dict) -> None:
+    config = description.get("config")
+    if config is not None:
+        from transformers import AutoConfig, PretrainedConfig
+        try:
+            values = dict(config)
+            module.config = AutoConfig.for_model(values.pop("model_type"), **values)
+        except (KeyError, ValueError, TypeError):
+            module.config = PretrainedConfig(**config)
+    generation = description.get("generation_config")
+    if generation is not None:
+        from transformers import GenerationConfig
+        module.generation_config = GenerationConfig.from_dict(generation)
+
+
+def _tokenizer(files: dict | None) -> Any:
+    if not files:
+        return None
+    from transformers import AutoTokenizer
+    with tempfile.TemporaryDirectory() as directory:
+        for name, content in files.items():
+            if os.path.basename(name) != name or name.startswith("."):
+                raise ValueError(f"the server sent a tokenizer file named {name!r}; refused")
+            with open(os.path.join(directory, name), "wb") as file:
+                file.write(base64.b64decode(content))
+        return AutoTokenizer.from_pretrained(directory)
+
+
+def _rebuild_scan(header: dict) -> ModuleScan | None:
+    described = header.get("scan")
+    if described is None:
+        return None
+    fakes = FakeDecoder(header.get("storages", []), device="cpu")
+    scan = ModuleScan(fakes.mode)
+    scan.outputs = {path: [fakes.decode(value) for value in values] for path, values in described["outputs"]}
+    scan.inputs = {path: [tuple(fakes.decode(value)) for value in values] for path, values in described["inputs"]}
+    scan.order = {(path, kind, call): position for path, kind, call, position in described["order"]}
+    scan.result = fakes.decode(described["result"])
+    return scan

@@ -1,0 +1,105 @@
+"""``serve(model, name=..., token=...)``: put a model in a Ray actor behind an authenticated HTTP front door.
+
+In [1]: from nnsight_magic.remote import serve
+In [2]: server = serve(lm, name="smol", token="s3cret")       # starts (or joins) a Ray cluster
+In [3]: server.url
+Out[3]: 'http://127.0.0.1:8737'
+In [4]: serve(other_lm, name="gpt2", token="t2")              # a second model behind the same door
+In [5]: server.shutdown()
+
+The model actor gets one GPU when the cluster has one (``num_gpus``); Ray restarts it if it dies
+(``max_restarts``). The door binds ``127.0.0.1`` unless told otherwise. From a shell:
+``python -m nnsight_magic.serve MODEL --name NAME --token-file F [--address RAY] [--host H] [--port P]``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .door import Door, Limits, token_digest
+from .worker import ModelWorker
+
+NAMESPACE = "nnsight_magic"
+_doors: dict[str, tuple[Any, int]] = {}  # host -> (door actor, port) started by this process
+
+
+class Server:
+    """A model being served: ``url`` to connect to, ``shutdown()`` to stop it (and the door, if it was the last)."""
+
+    def __init__(self, url: str, name: str, door: Any, worker: Any, host: str):
+        self.url = url
+        self.name = name
+        self.door = door
+        self.worker = worker
+        self._host = host
+
+    def shutdown(self) -> None:
+        import ray
+        if not ray.is_initialized():
+            return
+        left = ray.get(self.door.unregister.remote(self.name), timeout=30)
+        ray.kill(self.worker, no_restart=True)
+        if not left:
+            try:
+                ray.get(self.door.stop.remote(), timeout=30)
+            finally:
+                ray.kill(self.door, no_restart=True)
+                _doors.pop(self._host, None)
+
+    def __repr__(self) -> str:
+        return f"<Server {self.name!r} at {self.url}>"
+
+
+def serve(model: Any, name: str, token: str, *, host: str = "127.0.0.1", port: int | None = None,
+          address: str | None = None, num_gpus: float | None = None, num_cpus: float = 0, max_restarts: int = 3,
+          limits: Limits | None = None, timeout: float = 300.0) -> Server:
+    """Serve ``model`` (an ``NNsight``/``LanguageModel``, or a hub id, directory or ``"embedded"``) as ``name``.
+
+    Args:
+        token: the secret clients must send; compared as a SHA-256 digest, never stored in the clear.
+        host, port: where the door listens (a door this process started on ``host`` is reused when ``port`` is
+            ``None``; ``0`` picks a free port).
+        address: a Ray cluster to join (``"auto"``, ``"ray://..."``); default: the running one, or a new local one.
+        num_gpus: GPUs for the model actor (default: 1 when the cluster has a GPU, else 0).
+        num_cpus: CPUs Ray reserves for the model actor (0: it may share a node's CPUs with others).
+    """
+    import ray
+    if not token:
+        raise ValueError("serve needs a token: clients must present it with every request")
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+    door, bound = _door(host, port, limits)
+    if num_gpus is None:
+        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    source = ray.put(_source(model))  # held by the Server: a restarted actor rebuilds the model from it
+    worker = ray.remote(ModelWorker).options(
+        num_cpus=num_cpus, num_gpus=num_gpus,
+        max_restarts=max_restarts, max_concurrency=1).remote(source, name, door)
+    ray.get(worker.ready.remote(), timeout=timeout)
+    ray.get(door.register.remote(name, worker, token_digest(token)), timeout=30)
+    server = Server(f"http://{host}:{bound}", name, door, worker, host)
+    server._source = source
+    return server
+
+
+def _door(host: str, port: int | None, limits: Limits | None) -> tuple[Any, int]:
+    import ray
+    if port is None and host in _doors:
+        return _doors[host]
+    door = ray.remote(Door).options(num_cpus=0, max_concurrency=1000).remote(limits)
+    bound = ray.get(door.start.remote(host, port or 0), timeout=60)
+    _doors[host] = (door, bound)
+    return door, bound
+
+
+def _source(model: Any) -> dict:
+    if isinstance(model, (str, os.PathLike)):
+        return {"kind": "load", "model": os.fspath(model)}
+    from ..models.nnsight import NNsight
+    if not isinstance(model, NNsight):
+        raise TypeError(f"serve takes an NNsight or LanguageModel (or a hub id, a directory, 'embedded'), not "
+                        f"{type(model).__name__}")
+    return {"kind": "object", "module": model._module, "tokenizer": getattr(model, "tokenizer", None),
+            "language": hasattr(model, "tokenizer")}

@@ -1,0 +1,49 @@
+"""``python -m nnsight_magic.serve MODEL --name NAME --token-file F``: serve a model until Ctrl-C.
+
+    $ python -m nnsight_magic.serve embedded --name smol --token-file ~/.smol-token --port 8737
+    serving 'smol' at http://127.0.0.1:8737 (Ctrl-C stops it)
+
+MODEL is a hub id, a local directory, or ``embedded`` (SmolLM2-135M, no hub needed). The model loads inside a Ray
+actor (on a GPU when the cluster has one; across a node's GPUs with ``device_map="auto"`` when it has several).
+``--address`` joins a running Ray cluster (``auto``, ``ray://HEAD:10001``); without it a local one starts. The
+door binds ``127.0.0.1`` unless ``--host`` says otherwise (``--host 0.0.0.0`` only behind a firewall or a TLS
+proxy: the token travels in a header).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m nnsight_magic.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a hub id, a local directory, or 'embedded'")
+    parser.add_argument("--name", required=True, help="the name clients use: RemoteModel(url, NAME, token=...)")
+    parser.add_argument("--token-file", required=True, help="a file holding the token clients must send")
+    parser.add_argument("--address", default=None, help="a Ray cluster to join (default: start a local one)")
+    parser.add_argument("--host", default="127.0.0.1", help="where the HTTP door listens (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="the door's port (default: a free one)")
+    options = parser.parse_args(argv)
+    with open(options.token_file) as file:
+        token = file.read().strip()
+    if not token:
+        parser.error(f"{options.token_file} is empty; put a long random token in it (e.g. `openssl rand -hex 24`)")
+    from .remote import serve
+    server = serve(options.model, name=options.name, token=token, host=options.host, port=options.port,
+                   address=options.address)
+    print(f"serving {options.name!r} at {server.url} (Ctrl-C stops it)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Remote models on a real local Ray cluster: remote equals local bit for bit, refusals, faults, queues.
+
+One Ray cluster (loopback only, bounded memory, its own short temp dir) serves a tiny GPT-2 and the tiny
+two-layer net behind one front door for the whole module, and is always shut down.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import shutil
+import struct
+import tempfile
+import threading
+import urllib.parse
+
+import pytest
+import torch
+
+from nnsight_magic import LanguageModel, NNsight
+from nnsight_magic.remote import RemoteModel, serve
+from nnsight_magic.remote.executor import encode_request
+from nnsight_magic.remote.wire import pack, tensors_equal, unpack
+
+from conftest import make_tiny
+from language_fixtures import make_tiny_gpt2, tokenizer_or_skip
+from magic_shell import ok
+from test_serialize import LM_CASES, NET_CASES, saved_values
+
+# read by Ray when it is imported: loopback binds, no usage reports, token auth with a per-run token (never
+# ~/.ray), and patience for a busy machine (its agents may take half a minute to start on 2 shared cores)
+os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
+                  RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_agent_register_timeout_ms="120000",
+                  RAY_raylet_start_wait_time_s="120", RAY_enable_metrics_collection="0")
+ray = pytest.importorskip("ray", reason="the remote tests need Ray: pip install 'ray[serve]'")
+TOKEN = "s3cret-" + secrets.token_hex(4)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    for attempt in range(2):  # on a busy machine Ray's agents sometimes miss the raylet's 30 s start window
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 << 20,
+                     _temp_dir=temp, namespace="nnsight_magic_tests")
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt:
+                raise
+    tokenizer = tokenizer_or_skip()
+    servers = {"gpt2": serve(LanguageModel(make_tiny_gpt2(), tokenizer=tokenizer), name="gpt2", token=TOKEN),
+               "net": serve(NNsight(make_tiny()), name="net", token=TOKEN)}
+    try:
+        yield servers
+    finally:
+        for server in servers.values():
+            server.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def remote_lm(cluster):
+    return RemoteModel(cluster["gpt2"].url, "gpt2", token=TOKEN)
+
+
+@pytest.fixture(scope="module")
+def remote_net(cluster):
+    return RemoteModel(cluster["net"].url, "net", token=TOKEN)
+
+
+def run_case(case, model):
+    torch.manual_seed(1)
+    return case(model, torch.rand(3, 5))
+
+
+def test_one_door_serves_several_models_with_their_trees_and_tokenizer(cluster, remote_lm, remote_net):
+    assert cluster["gpt2"].url == cluster["net"].url and cluster["gpt2"].url.startswith("http://127.0.0.1:")
+    assert str(remote_net._module) == str(make_tiny())
+    assert repr(remote_lm._module) == repr(make_tiny_gpt2())
+    assert remote_lm.tokenizer("Hello world")["input_ids"] == tokenizer_or_skip()("Hello world")["input_ids"]
+    assert remote_lm.context_length == 128 and len(remote_lm.transformer.h) == 2
+    assert not any(True for _ in remote_lm._module.parameters())           # no weights in the notebook
+
+
+@pytest.mark.parametrize("case", NET_CASES + LM_CASES, ids=lambda case: case.__name__)
+def test_remote_equals_local_bit_for_bit(case, remote_lm, remote_net, gpt2_tok, capsys):
+    local = LanguageModel(make_tiny_gpt2(), tokenizer=gpt2_tok) if case in LM_CASES else NNsight(make_tiny())
+    remote = remote_lm if case in LM_CASES else remote_net
+    local_tracers = run_case(case, local)
+    expected = [saved_values(tracer) for tracer in local_tracers]
+    remote_tracers = run_case(case, remote)
+    got = [saved_values(tracer) for tracer in remote_tracers]
+    assert [set(values) for values in got] == [set(values) for values in expected] and any(expected)
+    for mine, theirs in zip(got, expected):
+        for index in theirs:
+            assert tensors_equal(mine[index], theirs[index])
+    if case.__name__ != "logit_lens":  # a module called on a traced value has no shape here: no weights
+        assert [str(tracer.graph) for tracer in remote_tracers] == [str(tracer.graph) for tracer in local_tracers]
+
+
+def test_wrong_or_missing_token_is_refused(cluster):
+    with pytest.raises(PermissionError, match="wrong or missing token"):
+        RemoteModel(cluster["net"].url, "net", token="nope")
+    with pytest.raises(PermissionError):
+        RemoteModel(cluster["net"].url, "net")
+    with pytest.raises(LookupError, match="no model named 'other'"):
+        RemoteModel(cluster["net"].url, "other", token=TOKEN)
+
+
+def test_errors_keep_their_type_and_the_users_line(remote_net, x):
+    with pytest.raises(IndexError, match=r"test_remote.py:\d+ `remote_net.layer1.output\[:, 99\].save\(\)`"):
+        with remote_net.trace(x, validate=False):
+            remote_net.layer1.output[:, 99].save()
+    with remote_net.trace(x) as tracer:                           # the server still serves
+        out = remote_net.output.save()
+    assert torch.equal(out.value, make_tiny()(x).detach()) and tracer.status == "done"
+
+
+def raw_run(url: str, body: bytes, token: str = TOKEN):
+    parsed = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+    connection.request("POST", "/v1/net/run", body=body, headers={"Authorization": f"Bearer {token}"})
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    return response.status, data
+
+
+def good_request(net, x):
+    with net.scan(x) as tracer:
+        net.output.save()
+    return encode_request([tracer])
+
+
+def malicious(body: bytes, change) -> bytes:
+    header, blob = unpack(body)
+    return change(header, blob)
+
+
+def tamper_graph(change):
+    def apply(header, blob):
+        change(header["traces"][0]["graph"])
+        return pack(header, blob)
+    return apply
+
+
+def deep(header, blob):
+    value: object = 1
+    for _ in range(200):
+        value = [value]
+    header["traces"][0]["graph"]["nodes"][0]["meta"] = value
+    return pack(header, blob)
+
+
+def answer_error(data: bytes) -> dict:
+    frames, position = [], 0
+    while position < len(data):
+        kind, (length,) = data[position:position + 1], struct.unpack("<I", data[position + 1:position + 5])
+        frames.append((kind, data[position + 5:position + 5 + length]))
+        position += 5 + length
+    kind, payload = frames[-1]
+    return unpack(payload)[0].get("error") if kind == b"r" else json.loads(payload)
+
+
+@pytest.mark.parametrize("change, refused", [
+    (tamper_graph(lambda graph: graph["nodes"][0].update(op="exec")), "unknown op"),
+    (tamper_graph(lambda graph: graph["nodes"][0].update(op="call_function", target="builtins.eval",
+                                                          args=["__import__('os').system('true')"])),
+     "'builtins.eval'"),
+    (tamper_graph(lambda graph: graph["nodes"][0].update(target="os.path")), "does not have"),
+    (deep, "nested"),
+    (lambda header, blob: pack(header, struct.pack("<Q", 1 << 40) + b"{}"), "larger than its blob"),
+    (lambda header, blob: pack({**header, "traces": [{**header["traces"][0], "invokes": [
+        {"args": [{"tensor": "t0"}], "kwargs": {"dict": []}, "rows": 3}]}]}, blob[:-7]), "truncated"),
+])
+def test_malicious_payloads_are_refused_and_the_server_serves_on(cluster, remote_net, x, change, refused):
+    status, data = raw_run(cluster["net"].url, malicious(good_request(remote_net, x), change))
+    assert status == 200
+    error = answer_error(data)
+    assert error["type"] == "ValueError" and refused in error["message"]
+    with remote_net.trace(x):
+        out = remote_net.output.save()
+    assert torch.equal(out.value, make_tiny()(x).detach())
+
+
+def test_a_request_over_the_size_limit_and_a_wrong_token_are_refused_before_parsing(cluster):
+    status, data = raw_run(cluster["net"].url, b"x" * 10, token="wrong")
+    assert status == 401
+    status, data = raw_run(cluster["net"].url, b"not even a frame")
+    assert answer_error(data)["type"] == "ValueError"
+
+
+class StatusLog:
+    def __init__(self):
+        self.events = []
+
+    def graph_built(self, tracer): ...
+
+    def node_status(self, index, status): ...
+
+    def request_status(self, status, place):
+        self.events.append((status, place))
+
+    def step_started(self, step):
+        self.events.append(("step", step))
+
+    def run_finished(self, tracer, execution, error):
+        self.events.append(("finished", error))
+
+
+def test_generation_streams_its_steps_and_the_status(remote_lm):
+    log = StatusLog()
+    with remote_lm.generate("Hello", max_new_tokens=3) as tracer:
+        tracer.observers.append(log)
+        with tracer.all():
+            remote_lm.lm_head.output[0, -1].argmax()
+        tokens = tracer.result.save()
+    assert ("running", None) in log.events and [event for event in log.events if event[0] == "step"] == \
+        [("step", 0), ("step", 1), ("step", 2)] and log.events[-1] == ("finished", None)
+    assert tokens.value.shape == (1, 4)
+
+
+def test_trace_magic_runs_remote_models_unchanged(ip, remote_net, x):
+    ip.user_ns.update(remote=remote_net, x=x)
+    ok(ip, "%%trace remote x\nh = remote.layer1.output\nremote.layer2.output[:, 0] = 0\nout = remote.output")
+    twin = make_tiny()
+    assert torch.equal(ip.user_ns["h"], twin.layer1(x).detach())
+    assert torch.equal(ip.user_ns["out"][:, 1], twin(x).detach()[:, 1]) and (ip.user_ns["out"][:, 0] == 0).all()
+
+
+def test_two_clients_hammering_one_model_get_every_answer_right(cluster, x):
+    twin = make_tiny()
+    expected = [twin(x * number).detach() for number in range(100)]
+    results: list = []
+
+    def client():
+        net = RemoteModel(cluster["net"].url, "net", token=TOKEN)
+        for number in range(100):
+            with net.trace(x * number):
+                out = net.output.save()
+            results.append(torch.equal(out.value, expected[number]))
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(results) == 200 and all(results)
+
+
+def test_a_client_that_disconnects_mid_request_does_not_stop_the_server(cluster, remote_net, x):
+    parsed = urllib.parse.urlsplit(cluster["net"].url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
+    connection.request("POST", "/v1/net/run", body=good_request(remote_net, x),
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+    connection.close()
+    with remote_net.trace(x):
+        out = remote_net.output.save()
+    assert torch.equal(out.value, make_tiny()(x).detach())
+
+
+class StepSignal(StatusLog):
+    def __init__(self):
+        super().__init__()
+        self.started = threading.Event()
+
+    def step_started(self, step):
+        self.started.set()
+
+
+def test_a_killed_model_actor_fails_its_request_clearly_and_restarts(cluster, remote_lm):
+    failure: list = []
+    signal = StepSignal()
+
+    def long_generation():
+        try:
+            with remote_lm.generate("Hello", max_new_tokens=100) as tracer:
+                tracer.observers.append(signal)
+                with tracer.all():
+                    remote_lm.transformer.h[0].output.sum()
+        except BaseException as error:
+            failure.append(error)
+
+    thread = threading.Thread(target=long_generation)
+    thread.start()
+    assert signal.started.wait(timeout=60)
+    ray.kill(cluster["gpt2"].worker, no_restart=False)
+    thread.join(timeout=60)
+    assert failure and isinstance(failure[0], RuntimeError) and "worker stopped" in str(failure[0])
+    with remote_lm.trace("Hello world"):
+        h = remote_lm.transformer.h[1].output.save()
+    local = LanguageModel(make_tiny_gpt2(), tokenizer=remote_lm.tokenizer)
+    with local.trace("Hello world"):
+        expected = local.transformer.h[1].output.save()
+    assert torch.equal(h.value, expected.value)
+
+
+def test_a_server_restarted_between_requests_is_reached_again(cluster, x):
+    server = serve(NNsight(make_tiny()), name="net", token="t2", port=0)
+    net = RemoteModel(server.url, "net", token="t2")
+    with net.trace(x):
+        first = net.output.save()
+    port = int(server.url.rsplit(":", 1)[1])
+    server.shutdown()
+    with pytest.raises(ConnectionError):
+        with net.trace(x):
+            net.output.save()
+    server = serve(NNsight(make_tiny()), name="net", token="t2", port=port)
+    try:
+        with net.trace(x):
+            second = net.output.save()
+    finally:
+        server.shutdown()
+    assert torch.equal(first.value, second.value)
