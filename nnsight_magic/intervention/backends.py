@@ -135,7 +135,10 @@ def blame_user_line(error: Exception, tracer: Tracer, interleaver: Interleaver) 
         error.add_note(f"raised inside the model's forward after {swap.location} replaced "
                        f"{swap.args[0].describe()}: check the replacement's shape and dtype against the original's")
         return error
-    annotate(error, tracer.origin)
+    origin = getattr(tracer, "origin", None)  # a trace rebuilt on a server has no user line of its own
+    if origin is None or not origin.lineno:
+        return error
+    annotate(error, origin)
     error.add_note("raised inside the model's forward on this trace's input: check the input's type and shape")
     return error
 

@@ -152,6 +152,18 @@ class ConcreteScan:
     def result(self) -> Any:
         return self._concrete(("result",), lambda: self.symbolic.scan.result)
 
+    @property
+    def outputs(self) -> dict[str, list[Any]]:
+        """Every call's output, as :attr:`ModuleScan.outputs` (all made now; a trace reads only what it needs)."""
+        recorded = self.symbolic.scan.outputs
+        return {path: [self.output(path, call) for call in range(len(calls))] for path, calls in recorded.items()}
+
+    @property
+    def inputs(self) -> dict[str, list[Any]]:
+        """Every call's ``(args, kwargs)``, as :attr:`ModuleScan.inputs`."""
+        recorded = self.symbolic.scan.inputs
+        return {path: [self.input(path, call) for call in range(len(calls))] for path, calls in recorded.items()}
+
     def _concrete(self, key: tuple, symbolic: Callable[[], Any]) -> Any:
         if key not in self._values:
             try:
