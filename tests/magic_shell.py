@@ -75,3 +75,25 @@ def with_net(shell: InteractiveShell, x: torch.Tensor | None = None) -> tuple[to
         x = torch.rand(3, 5)
     shell.user_ns.update(net=NNsight(module), x=x, torch=torch)
     return module, x
+
+
+def snapshot(namespace: dict) -> dict:
+    """The notebook's names (not ``_``-names nor IPython's history ``In``/``Out``), each with its object and, for
+    lists and dicts, their items."""
+    return {name: (value, list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict)
+                   else None) for name, value in namespace.items()
+            if not name.startswith("_") and name not in ("In", "Out")}
+
+
+def assert_unchanged(namespace: dict, before: dict) -> None:
+    """The same names as in ``before``, bound to the same objects; lists and dicts hold the same items."""
+    after = snapshot(namespace)
+    assert after.keys() == before.keys()
+    for name, (value, contents) in before.items():
+        assert after[name][0] is value, name
+        if isinstance(contents, list):
+            assert [item is other for item, other in zip(after[name][1], contents)] == [True] * len(contents) and \
+                len(after[name][1]) == len(contents), name
+        elif isinstance(contents, dict):
+            assert after[name][1].keys() == contents.keys(), name
+            assert all(after[name][1][key] is item for key, item in contents.items()), name

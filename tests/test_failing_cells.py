@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import hook_count
-from magic_shell import module_values, ok, run, with_net
+from magic_shell import assert_unchanged, module_values, ok, run, snapshot, with_net
 from nnsight_magic.tracing.proxy import Proxy
 
 BINDINGS = {
@@ -64,20 +64,6 @@ def notebook(ip):
                       g="g", dumps="dumps", loads="loads", os="os", counter=0, tracer="an earlier tracer",
                       explode=_explode, interrupt=_interrupt, lst=[1], d={"runs": [2]})
     return module, x
-
-
-def snapshot(namespace: dict) -> dict:
-    return {name: (value, list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict)
-                   else None) for name, value in namespace.items() if not name.startswith("_")}
-
-
-def assert_unchanged(namespace: dict, before: dict) -> None:
-    after = snapshot(namespace)
-    assert after.keys() == before.keys()
-    for name, (value, contents) in before.items():
-        assert after[name][0] is value, name
-        assert after[name][1] == contents if contents is None else \
-            [item is other for item, other in zip(after[name][1], contents)] == [True] * len(contents), name
 
 
 @pytest.mark.parametrize("failure", list(FAILURES))

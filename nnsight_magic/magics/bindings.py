@@ -56,6 +56,7 @@ class CellBindings:
         self._contents = {id(container): (container, _contents(container)) for container, _ in self._containers()}
         self._holders: list[tuple[Any, str]] = []  # containers the cell put traced values into, with their paths
         self._escaped: dict[int, Proxy] = {}
+        self._settled = False
 
     def save_traced(self, names: list[str], belongs: Callable[[Proxy], bool], containers: bool = True) -> None:
         """Call ``.save()`` on each proxy (``belongs(proxy)``) held by one of ``names`` or (with ``containers``)
@@ -80,7 +81,18 @@ class CellBindings:
 
     def bind(self) -> None:
         """Replace every saved name that still holds the cell's value with its real value, and every saved proxy
-        in a container with its real value in place."""
+        in a container with its real value in place. If that fails (an interrupt), the names and containers go
+        back to what they were before the cell."""
+        try:
+            self._bind()
+        except BaseException:
+            if self._settled:
+                self.unbind_saved()
+            else:
+                self.restore()
+            raise
+
+    def _bind(self) -> None:
         for name, value in self.saved.items():
             if self.namespace.get(name, _ABSENT) is not value:
                 continue  # rebound since (a later cell): leave it
@@ -118,8 +130,9 @@ class CellBindings:
                 self._refill(container)
 
     def settle(self) -> None:
-        """The cell succeeded: keep only what :meth:`bind` and :meth:`unbind_saved` need (a session keeps the
-        bindings of every recorded cell; the snapshot must not keep earlier values alive)."""
+        """The cell was recorded into a session: keep only what :meth:`bind` and :meth:`unbind_saved` need (the
+        session keeps the bindings of every recorded cell; the snapshot must not keep earlier values alive)."""
+        self._settled = True
         self.before = {name: self.before.get(name, _ABSENT) for name in self.saved}
         holders = {id(container) for container, _ in self._holders}
         self._contents = {key: entry for key, entry in self._contents.items() if key in holders}

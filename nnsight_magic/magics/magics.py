@@ -122,10 +122,10 @@ class TraceMagics(Magics):
                 session.session.deactivate()
             for helper in code.rewritten.helpers:
                 namespace.pop(helper, None)
-        bindings.settle()
         if args.scan:
             return namespace.pop(RESULT_NAME, None)  # proxies with shapes: nothing ran
         if session is not None:
+            bindings.settle()
             session.record(current_cell_number(self.shell), code.source, tracer, bindings)
             namespace.pop(RESULT_NAME, None)
             print(f"recorded as cell {len(session.cells)} of the open session: `%session run` runs it")
