@@ -58,9 +58,11 @@ class Conditional:
         self._start = dict(self.tracer._values)
         self._branch = self.tracer.graph.branch(self.proxy.node, True)
         self._branch.__enter__()
+        self.tracer._branch_depth += 1
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
+        self.tracer._branch_depth -= 1
         self._branch.__exit__(*exc_info)
         if exc_info[0] is None:
             self._then = self.tracer._changed_values(self._start)
@@ -78,7 +80,11 @@ class Conditional:
                 values.pop(key, None)
         else_start = dict(values)
         with self.tracer.graph.branch(self.proxy.node, False):
-            yield self
+            self.tracer._branch_depth += 1
+            try:
+                yield self
+            finally:
+                self.tracer._branch_depth -= 1
         self.tracer._merge_values(self.proxy, start, self._then, self.tracer._changed_values(else_start))
 
 

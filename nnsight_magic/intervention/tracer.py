@@ -26,7 +26,7 @@ import torch
 from ..errors import annotate, user_location
 from ..tracing.execution import DONE as DONE_STATE
 from ..tracing.graph import Graph, StepSet
-from ..tracing.node import Node
+from ..tracing.node import Node, map_nodes
 from ..tracing.proxy import Proxy
 from ..tracing.shapes import ModuleScan, ShapeInference
 from .batching import narrow
@@ -48,6 +48,7 @@ def first_input(inputs: tuple[tuple, dict]) -> Any:
 
 
 first_input.returns_view = True  # its value is part of the module's inputs: editing it edits the inputs
+first_input.structural = True  # it only picks a part of its argument: safe to run on fake values for shapes
 
 
 def replace_first_input(inputs: tuple[tuple, dict], value: Any) -> tuple[tuple, dict]:
@@ -59,6 +60,27 @@ def replace_first_input(inputs: tuple[tuple, dict], value: Any) -> tuple[tuple, 
         first = next(iter(kwargs))
         return args, {**kwargs, first: value}
     raise IndexError("the module was called without arguments, so it has no .input to set")
+
+
+replace_first_input.structural = True
+
+
+def retain_grad(tensor: torch.Tensor) -> None:
+    """``tensor.retain_grad()`` on the real value (``h.retain_grad()`` in a trace that calls ``.backward()``)."""
+    tensor.retain_grad()
+
+
+def in_branch(value: Any) -> Any:
+    """A module value read inside a ``tracer.cond`` branch: the same value, but it exists only if the branch runs.
+
+    The module's value itself is shared with reads outside the branch; this node carries the condition, so a
+    value saved in a branch that was not taken has no value after the run (its ``.value`` says why).
+    """
+    return value
+
+
+in_branch.returns_view = True  # the very same object: an edit through it edits the module's value
+in_branch.structural = True
 
 
 class Tracer:
@@ -100,6 +122,7 @@ class Tracer:
         self._proxies: list[weakref.ref] = []
         self._saved: dict[int, list[weakref.ref]] = {}
         self._bridges: dict[tuple[int, int], Proxy] = {}
+        self._branch_depth = 0  # open tracer.cond branches (see in_branch)
         self.session = current_session()
         self.session_index: int | None = None
 
@@ -162,6 +185,8 @@ class Tracer:
             kwargs = self._to_nodes(kwargs)
         node = self.graph.create_node(op, target, args, kwargs, filename=filename, lineno=lineno, meta=meta,
                                       fake=fake, after=after)
+        if node.fake is None and getattr(target, "structural", False) and self.graph.shape_inference is not None:
+            node.fake = _structural_fake(node)
         proxy = Proxy(node, self)
         self._proxies.append(weakref.ref(proxy))
         return proxy
@@ -212,6 +237,8 @@ class Tracer:
             else:
                 proxy = self._original(key)
             self._values[key] = proxy
+        if self._branch_depth:
+            return self.create_proxy("call_function", in_branch, (proxy,), {})
         return proxy
 
     def _original(self, key: tuple) -> Proxy:
@@ -270,6 +297,9 @@ class Tracer:
     def call_method(self, proxy: Proxy, name: str, args: tuple, kwargs: dict,
                     location: tuple[str, int] | None = None) -> Proxy:
         """``proxy.name(*args, **kwargs)``; ``.backward()`` also numbers the backward pass for ``.grad``."""
+        if name == "retain_grad" and not args and not kwargs:
+            # a fake value never requires grad (shapes are computed without autograd): run it on real ones only
+            return self.create_proxy("call_function", retain_grad, (proxy,), {}, location=location)
         if name != "backward":
             return self.create_proxy("call_method", name, (proxy, *args), kwargs, location=location)
         index = self._backward_count
@@ -414,6 +444,8 @@ class Tracer:
             for node in self.graph.nodes:
                 if not node.is_entry:
                     node.fake = self.graph.shape_inference.infer(node)
+                    if node.fake is None and getattr(node.target, "structural", False):
+                        node.fake = _structural_fake(node)
 
     def _final_entry_fake(self, node: Node) -> Any:
         section = node.section
@@ -478,6 +510,29 @@ class Tracer:
 
     def __repr__(self) -> str:
         return f"<Tracer {self.status}: {len(self.graph.nodes)} nodes, {len(self.invokes)} invoke(s)>"
+
+
+def _structural_fake(node: Node) -> Any:
+    """The fake value of a node whose function only picks or rearranges parts of its arguments (``.input``).
+
+    Such functions are safe on fake values. One that fails here (a module called without arguments has no
+    ``.input``) is left without a shape; the run raises the same error at the user's line.
+    """
+    unknown = False
+
+    def fake_of(argument: Node) -> Any:
+        nonlocal unknown
+        unknown = unknown or argument.fake is None
+        return argument.fake
+
+    args = map_nodes(fake_of, node.args)
+    kwargs = map_nodes(fake_of, node.kwargs)
+    if unknown:
+        return None
+    try:
+        return node.target(*args, **kwargs)
+    except Exception:
+        return None
 
 
 def _signature(fake: Any) -> Any:

@@ -78,7 +78,7 @@ class NNsight(Envoy):
         """Several traces that run as one unit at the end of the block; later ones may use earlier values."""
         return Session()
 
-    def edit(self, inplace: bool = False) -> EditTracer:
+    def edit(self, *, inplace: bool = False) -> EditTracer:
         """Interventions that apply to every later trace: of a copy of this model (default) or of this model."""
         return EditTracer(self if inplace else self._edited_copy())
 
