@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from ..tracing.node import module_label
+from .parameters import parameter_kind
 
 _VALUE_NAMES = ("output", "input", "inputs")
 
@@ -115,6 +116,11 @@ class Envoy:
             return self._child(name)
         if name.startswith("__"):
             raise AttributeError(name)
+        tracer = self._root._active_tracer
+        if tracer is not None:
+            kind = parameter_kind(module, name)
+            if kind is not None:  # a parameter or buffer in a trace: this run's value, never the model's for good
+                return tracer.parameter_value(self._path, name, kind)
         try:
             return getattr(module, name)
         except AttributeError:
@@ -132,6 +138,8 @@ class Envoy:
             object.__setattr__(self, name, value)  # routes to the property setters above
         elif name.startswith("_"):
             object.__setattr__(self, name, value)
+        elif self._root._active_tracer is not None and parameter_kind(self._module, name) is not None:
+            self._root._active_tracer.set_parameter(self._path, name, parameter_kind(self._module, name), value)
         else:
             setattr(self._module, name, value)
             self._children.pop(name, None)

@@ -24,6 +24,7 @@ from ..tracing.execution import PENDING, Execution, ExecutionObserver
 from ..tracing.graph import Graph
 from ..tracing.node import Node
 from .batching import compose, narrow
+from .parameters import ParameterSwaps, ParameterValue
 
 _VALUE_KIND = {"module_output": "output", "module_inputs": "input"}
 
@@ -64,6 +65,18 @@ class ModelExecution(Execution):
             return super().apply_module(node, args, kwargs)
         finally:
             interleaver.paused -= 1
+
+    def call_function(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        target = node.target
+        if not isinstance(target, ParameterValue):
+            return super().call_function(node, args, kwargs)
+        tensor = target.tensor(self.root)
+        swaps = self.interleaver.parameter_swaps if self.interleaver is not None else None
+        if swaps is None or node.index not in swaps.edited:
+            return tensor if torch.is_grad_enabled() else tensor.detach()  # zero-copy: only read
+        copy = tensor.clone() if torch.is_grad_enabled() else tensor.detach().clone()  # this run's own copy
+        swaps.keep(node.index, copy)
+        return copy
 
     def update(self, node: Node, args: tuple, kwargs: dict) -> Any:
         target = node.args[0]
@@ -143,6 +156,10 @@ class Interleaver:
                 self.writes_on.setdefault(root_index, []).append(write)
         for index in graph.swap_indices:
             self.writes_on.setdefault(nodes[index].args[0].index, []).append(index)
+        edited = {node.index: node.target for node in nodes if node.meta.get("edited_parameter")}
+        self.parameter_swaps = ParameterSwaps(execution, edited, {
+            root_index: [write for write, root in graph.writes.items() if root == root_index]
+            for root_index in edited}) if edited else None
         execution.interleaver = self
 
     # -------------------------------------------------------------------------------------------- hooks
@@ -171,6 +188,8 @@ class Interleaver:
                     self.handles.append(module.register_forward_hook(self._output_hook(outputs)))
             if self.steps_matter:
                 self.handles.append(root.register_forward_hook(self._end_step))
+            if self.parameter_swaps is not None:
+                self.parameter_swaps.register(root, self.handles)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -180,6 +199,8 @@ class Interleaver:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        if self.parameter_swaps is not None:
+            self.parameter_swaps.restore()
         self.execution.interleaver = None
 
     def _begin_step(self, module: torch.nn.Module, args: tuple) -> None:

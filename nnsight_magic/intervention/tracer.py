@@ -28,10 +28,11 @@ from ..tracing.execution import DONE as DONE_STATE
 from ..tracing.graph import Graph, StepSet
 from ..tracing.node import Node, map_nodes
 from ..tracing.proxy import Proxy
-from ..tracing.shapes import ModuleScan, ShapeInference
+from ..tracing.shapes import ModuleScan, ShapeInference, shared_fake_mode
 from .batching import narrow
 from .contexts import Conditional, IterationBlock, IterationIndexer, Invoker
 from .ordering import check_order
+from .parameters import ParameterValue
 from .session import current_session
 
 BUILDING, RECORDED, RUNNING, DONE, FAILED = "building", "recorded", "running", "done", "failed"
@@ -123,6 +124,7 @@ class Tracer:
         self._saved: dict[int, list[weakref.ref]] = {}
         self._bridges: dict[tuple[int, int], Proxy] = {}
         self._branch_depth = 0  # open tracer.cond branches (see in_branch)
+        self._parameters: dict[tuple[str, str], Proxy] = {}
         self.session = current_session()
         self.session_index: int | None = None
 
@@ -269,6 +271,28 @@ class Tracer:
         self._values[key] = swap
         if kind == "inputs":
             self._values.pop((*key[:1], "input", *key[2:]), None)
+
+    def parameter_value(self, path: str, name: str, kind: str) -> Proxy:
+        """``envoy.weight`` in a trace: a proxy of this run's parameter (or buffer); see :mod:`.parameters`.
+
+        One node per parameter, outside iteration blocks, so every read and edit in the trace sees the same tensor.
+        """
+        key = (path, name)
+        proxy = self._parameters.get(key)
+        if proxy is None:
+            with self.graph.outside_sections():
+                proxy = self.create_proxy("call_function", ParameterValue(path, name, kind), (), {})
+            if self.graph.shape_inference is not None:
+                with shared_fake_mode():
+                    proxy.node.fake = shared_fake_mode().from_tensor(
+                        proxy.node.target.tensor(self.model._module).detach())
+            if not self._branch_depth:  # one read inside a branch exists only if the branch runs
+                self._parameters[key] = proxy
+        return proxy
+
+    def set_parameter(self, path: str, name: str, kind: str, value: Any) -> None:
+        """``envoy.weight = value`` in a trace: this run's copy of the parameter takes ``value`` (``w[...] = value``)."""
+        self.parameter_value(path, name, kind)[...] = value
 
     def advance_call(self, path: str, calls: int = 1) -> None:
         """Later reads of the module at ``path`` refer to its call after the current one."""
@@ -474,6 +498,10 @@ class Tracer:
                                     for node in self.graph.nodes):
             raise ValueError("this trace has no input: pass one to `model.trace(input)` or open "
                              "`with tracer.invoke(input):` blocks")
+        nodes = self.graph.nodes
+        for root in self.graph.writes.values():
+            if isinstance(nodes[root].target, ParameterValue) and nodes[root].op == "call_function":
+                nodes[root].meta["edited_parameter"] = True  # this run edits a copy; the model keeps its own
         if self.validate:
             self._refresh_shapes()
             scan = next((scan for scan in self._scans.values() if scan is not None), None)
