@@ -30,6 +30,7 @@ from ..tracing.node import Node, map_nodes
 from ..tracing.proxy import Proxy
 from ..tracing.shapes import ModuleScan, ShapeInference, shared_fake_mode
 from .batching import narrow
+from .cache import cache as build_cache
 from .contexts import Conditional, IterationBlock, IterationIndexer, Invoker
 from .ordering import check_order
 from .parameters import ParameterValue
@@ -391,6 +392,16 @@ class Tracer:
     def log(self, *values: Any, **kwargs: Any) -> Proxy:
         """``print(*values)`` when the values exist (at that point of the model run)."""
         return self.create_proxy("log", print, values, kwargs)
+
+    def cache(self, modules: Any = None, include_inputs: bool = False, device: Any = None,
+              dtype: Any = None) -> Proxy:
+        """Every module's output in this run, saved: ``cache.value["transformer.h.0"]`` (see :mod:`.cache`).
+
+        ``modules=`` names the modules (paths or Envoys; default: every module that runs), ``include_inputs=True``
+        adds ``cache.value.inputs[path]`` (``(args, kwargs)``), ``device=`` / ``dtype=`` store converted copies. In
+        generation each entry is a list with one value per step.
+        """
+        return build_cache(self, modules, include_inputs, device, dtype)
 
     def list(self) -> Proxy:
         """A traced list: ``acc.append(x)`` inside invokes, steps and session traces; save it to keep it."""
