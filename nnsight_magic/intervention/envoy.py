@@ -116,6 +116,14 @@ class Envoy:
             return self._child(name)
         if name.startswith("__"):
             raise AttributeError(name)
+        aliases = self._root.__dict__.get("_aliases")
+        if aliases:
+            names = resolve_alias(module, self._path, name, aliases)
+            if names is not None:
+                envoy = self
+                for each in names:
+                    envoy = envoy._child(each)
+                return envoy
         tracer = self._root._active_tracer
         if tracer is not None:
             kind = parameter_kind(module, name)
@@ -184,3 +192,21 @@ class Envoy:
             raise RuntimeError(f"cannot {action} on {self._label} outside a trace: use it inside "
                                f"`with model.trace(...):` or a `%%trace` cell")
         return tracer
+
+
+def resolve_alias(module: torch.nn.Module, path: str, name: str, aliases: dict[str, str]) -> list[str] | None:
+    """The child names that lead from the module at ``path`` to the module aliased ``name``, or ``None``."""
+    prefix = f"{path}." if path else ""
+    for real, alias in aliases.items():
+        if alias != name:
+            continue
+        if "." not in real and real in module._modules:
+            return [real]
+        if real.startswith(prefix) and len(real) > len(prefix):
+            names = real[len(prefix):].split(".")
+            current: Any = module
+            for each in names:
+                current = current._modules.get(each) if current is not None else None
+            if current is not None:
+                return names
+    return None

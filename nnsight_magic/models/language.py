@@ -51,14 +51,16 @@ class LanguageModel(NNsight):
             directory to load with ``AutoModelForCausalLM.from_pretrained``.
         tokenizer: the tokenizer, or a repo id / directory to load it from. When ``model`` is a name it defaults
             to that name's tokenizer. Without one, inputs must be token ids.
+        rename: extra module names (``{"transformer.h": "layers"}``), on top of the family's standard ones
+            (``lm.layers[0].attn``, ``lm.embed``, ``lm.ln_final``, ``lm.unembed``; see :mod:`.aliases`).
         **from_pretrained_kwargs: passed to ``from_pretrained`` (``device_map="auto"``, ``dtype=...``, ``revision=``);
             only with a name.
     """
 
     _batching_changes_shapes = True  # invokes are padded to the longest prompt
 
-    def __init__(self, model: torch.nn.Module | str | os.PathLike, tokenizer: Any = None,
-                 **from_pretrained_kwargs: Any):
+    def __init__(self, model: torch.nn.Module | str | os.PathLike, tokenizer: Any = None, *,
+                 rename: dict[str, str] | None = None, **from_pretrained_kwargs: Any):
         if isinstance(model, (str, os.PathLike)):
             model, tokenizer = _load(os.fspath(model), tokenizer, from_pretrained_kwargs)
         elif from_pretrained_kwargs:
@@ -66,7 +68,7 @@ class LanguageModel(NNsight):
                             "from_pretrained; pass them with a repo id or directory, not with a loaded model")
         elif isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = _load_tokenizer(os.fspath(tokenizer), {})
-        super().__init__(model)
+        super().__init__(model, rename=rename)
         object.__setattr__(self, "_tokenizer", tokenizer)
         object.__setattr__(self, "_forward_parameters", set(inspect.signature(model.forward).parameters))
 

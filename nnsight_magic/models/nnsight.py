@@ -29,6 +29,7 @@ from ..intervention.envoy import Envoy
 from ..intervention.session import Session
 from ..intervention.tracer import Tracer
 from ..tracing.shapes import ModuleScan, ScanFailed
+from .aliases import standard_aliases
 
 SCAN_CACHE_SIZE = 8
 
@@ -47,14 +48,18 @@ class NNsight(Envoy):
 
     Args:
         module: any ``torch.nn.Module``. It is used as it is (not copied): traces hook it only while they run.
+        rename: extra names for modules, ``{"transformer.h": "layers", "self_attn": "attn"}`` (see
+            :mod:`~nnsight_magic.models.aliases`; Hugging Face families get a standard set: ``layers``, ``attn``,
+            ``mlp``, ``embed``, ``ln_final``, ``unembed``).
     """
 
     _batching_changes_shapes = False  # concatenating tensors keeps each input's shape
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, *, rename: dict[str, str] | None = None):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, not {type(module).__name__}")
         super().__init__(module)
+        object.__setattr__(self, "_aliases", {**standard_aliases(module), **(rename or {})})
         object.__setattr__(self, "_edits", [])
         object.__setattr__(self, "_scan_cache", collections.OrderedDict())
         object.__setattr__(self, "_scan_failures", set())
