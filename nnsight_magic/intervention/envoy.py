@@ -92,6 +92,15 @@ class Envoy:
         self._tracer("call .next()").advance_call(self._path, calls)
         return self
 
+    def skip(self, value: Any) -> None:
+        """Run the model without this module's next call: its forward does not run, its output is ``value``.
+
+        In [1]: with lm.trace("Hello"):
+           ...:     lm.layers[1].skip(lm.layers[1].input)      # as if block 1 were removed
+        Applies to the whole batch (not inside one of several invokes).
+        """
+        self._tracer("call .skip()").skip_module(self._path, value)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Inside a trace: call the module on traced values (its hooks do not fire). Outside: call the module."""
         tracer = self._root._active_tracer

@@ -160,7 +160,39 @@ class Interleaver:
         self.parameter_swaps = ParameterSwaps(execution, edited, {
             root_index: [write for write, root in graph.writes.items() if root == root_index]
             for root_index in edited}) if edited else None
+        self.skipped_forwards: list[tuple[torch.nn.Module, Any]] = []
         execution.interleaver = self
+
+    def _install_skips(self) -> None:
+        """``module.skip(value)``: for the run, the module's forward returns nothing at the skipped calls, and its
+        output hook puts ``value`` in place (its other calls run as usual)."""
+        nodes = self.execution.nodes
+        by_path: dict[str, list[EntryPoint]] = {}
+        for index in self.execution.graph.swap_indices:
+            if not nodes[index].meta.get("skip"):
+                continue
+            entry = nodes[index].args[0]
+            point = next(point for point in self.tables[(entry.target, "output")][entry.meta.get("call", 0)]
+                         if point.index == entry.index)
+            if point.group is not None:
+                raise annotate(ValueError("`.skip()` skips the module for the whole batch; call it outside the "
+                                          "invokes (or in an invoke without input)"), nodes[index])
+            by_path.setdefault(entry.target, []).append(point)
+        for path, points in by_path.items():
+            module = self.find_module(path)
+            previous = module.__dict__.get("forward")
+            self.skipped_forwards.append((module, previous))
+            module.__dict__["forward"] = self._skipping_forward(module, previous or module.forward, points)
+
+    def _skipping_forward(self, module: torch.nn.Module, forward: Callable, points: list[EntryPoint]) -> Callable:
+        def skipping(*args: Any, **kwargs: Any) -> Any:
+            call = self.counts.get(id(module), 0)  # the output hook counts this call after forward returns
+            if not self.paused and any(point.call == call and (
+                    self.execution.armed[point.section] if point.section is not None else point.step == self.step)
+                    for point in points):
+                return None
+            return forward(*args, **kwargs)
+        return skipping
 
     # -------------------------------------------------------------------------------------------- hooks
     def __enter__(self) -> "Interleaver":
@@ -190,6 +222,7 @@ class Interleaver:
                 self.handles.append(root.register_forward_hook(self._end_step))
             if self.parameter_swaps is not None:
                 self.parameter_swaps.register(root, self.handles)
+            self._install_skips()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -201,6 +234,12 @@ class Interleaver:
         self.handles.clear()
         if self.parameter_swaps is not None:
             self.parameter_swaps.restore()
+        for module, previous in self.skipped_forwards:
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+        self.skipped_forwards.clear()
         self.execution.interleaver = None
 
     def _begin_step(self, module: torch.nn.Module, args: tuple) -> None:

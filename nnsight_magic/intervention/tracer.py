@@ -273,6 +273,11 @@ class Tracer:
         if kind == "inputs":
             self._values.pop((*key[:1], "input", *key[2:]), None)
 
+    def skip_module(self, path: str, value: Any) -> None:
+        """``envoy.skip(value)``: the module's current call does not run; its output is ``value``."""
+        self.set_module_value(path, "output", value)
+        self._values[self._key(path, "output")].node.meta["skip"] = True
+
     def parameter_value(self, path: str, name: str, kind: str) -> Proxy:
         """``envoy.weight`` in a trace: a proxy of this run's parameter (or buffer); see :mod:`.parameters`.
 
