@@ -23,17 +23,21 @@ from ..tracing.proxy import Proxy
 class Invoker:
     """``with tracer.invoke(*inputs):`` — proxies created inside see only this input's rows of the batch.
 
-    An invoke with no input sees the whole batch. Invokes cannot be nested.
+    An invoke with no input sees the whole batch. Invokes cannot be nested. Inside the block, ``invoker.inputs``
+    is the input as the model takes it, ``(args, kwargs)`` (token ids and attention mask for a language model).
     """
 
     def __init__(self, tracer: Any, inputs: tuple, kwargs: dict):
         self.tracer = tracer
-        self.inputs = inputs
-        self.kwargs = kwargs
+        self.given = (inputs, kwargs)
+        self.inputs: tuple[tuple, dict] | None = None
         self.index: int | None = None
 
     def __enter__(self) -> "Invoker":
-        self.index = self.tracer._open_invoke(self.inputs, self.kwargs)
+        self.index = self.tracer._open_invoke(*self.given)
+        if self.index is not None:
+            prepared = self.tracer.invokes[self.index]
+            self.inputs = (prepared.args, prepared.kwargs)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -113,7 +113,10 @@ class Envoy:
         child = self._children.get(name)
         if child is None:
             path = f"{self._path}.{name}" if self._path else name
-            child = Envoy(self._module._modules[name], path, self._root)
+            module = self._module._modules[name]
+            classes = self._root.__dict__.get("_envoy_classes") or {}
+            envoy_class = next((classes[kind] for kind in type(module).__mro__ if kind in classes), Envoy)
+            child = envoy_class(module, path, self._root)
             self._children[name] = child
         return child
 

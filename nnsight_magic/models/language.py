@@ -53,6 +53,7 @@ class LanguageModel(NNsight):
             to that name's tokenizer. Without one, inputs must be token ids.
         rename: extra module names (``{"transformer.h": "layers"}``), on top of the family's standard ones
             (``lm.layers[0].attn``, ``lm.embed``, ``lm.ln_final``, ``lm.unembed``; see :mod:`.aliases`).
+        envoys: ``{module class: Envoy subclass}`` (see :class:`~nnsight_magic.models.nnsight.NNsight`).
         **from_pretrained_kwargs: passed to ``from_pretrained`` (``device_map="auto"``, ``dtype=...``, ``revision=``);
             only with a name.
     """
@@ -60,7 +61,8 @@ class LanguageModel(NNsight):
     _batching_changes_shapes = True  # invokes are padded to the longest prompt
 
     def __init__(self, model: torch.nn.Module | str | os.PathLike, tokenizer: Any = None, *,
-                 rename: dict[str, str] | None = None, **from_pretrained_kwargs: Any):
+                 rename: dict[str, str] | None = None, envoys: dict[type, type] | None = None,
+                 **from_pretrained_kwargs: Any):
         if isinstance(model, (str, os.PathLike)):
             model, tokenizer = _load(os.fspath(model), tokenizer, from_pretrained_kwargs)
         elif from_pretrained_kwargs:
@@ -68,7 +70,7 @@ class LanguageModel(NNsight):
                             "from_pretrained; pass them with a repo id or directory, not with a loaded model")
         elif isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = _load_tokenizer(os.fspath(tokenizer), {})
-        super().__init__(model, rename=rename)
+        super().__init__(model, rename=rename, envoys=envoys)
         object.__setattr__(self, "_tokenizer", tokenizer)
         object.__setattr__(self, "_forward_parameters", set(inspect.signature(model.forward).parameters))
 
