@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..intervention.attention import attention_envoys
 from ..intervention.tracer import Tracer
 from ..tracing.shapes import ModuleScan
 from .generation import GENERATE, GenerationTracer, decode_step_scan, first_step_runner, generation_options, \
@@ -70,7 +71,7 @@ class LanguageModel(NNsight):
                             "from_pretrained; pass them with a repo id or directory, not with a loaded model")
         elif isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = _load_tokenizer(os.fspath(tokenizer), {})
-        super().__init__(model, rename=rename, envoys=envoys)
+        super().__init__(model, rename=rename, envoys={**attention_envoys(), **(envoys or {})})
         object.__setattr__(self, "_tokenizer", tokenizer)
         object.__setattr__(self, "_forward_parameters", set(inspect.signature(model.forward).parameters))
 
