@@ -23,17 +23,21 @@ from ..tracing.proxy import Proxy
 class Invoker:
     """``with tracer.invoke(*inputs):`` — proxies created inside see only this input's rows of the batch.
 
-    An invoke with no input sees the whole batch. Invokes cannot be nested.
+    An invoke with no input sees the whole batch. Invokes cannot be nested. Inside the block, ``invoker.inputs``
+    is the input as the model takes it, ``(args, kwargs)`` (token ids and attention mask for a language model).
     """
 
     def __init__(self, tracer: Any, inputs: tuple, kwargs: dict):
         self.tracer = tracer
-        self.inputs = inputs
-        self.kwargs = kwargs
+        self.given = (inputs, kwargs)
+        self.inputs: tuple[tuple, dict] | None = None
         self.index: int | None = None
 
     def __enter__(self) -> "Invoker":
-        self.index = self.tracer._open_invoke(self.inputs, self.kwargs)
+        self.index = self.tracer._open_invoke(*self.given)
+        if self.index is not None:
+            prepared = self.tracer.invokes[self.index]
+            self.inputs = (prepared.args, prepared.kwargs)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -58,9 +62,11 @@ class Conditional:
         self._start = dict(self.tracer._values)
         self._branch = self.tracer.graph.branch(self.proxy.node, True)
         self._branch.__enter__()
+        self.tracer._branch_depth += 1
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
+        self.tracer._branch_depth -= 1
         self._branch.__exit__(*exc_info)
         if exc_info[0] is None:
             self._then = self.tracer._changed_values(self._start)
@@ -78,7 +84,11 @@ class Conditional:
                 values.pop(key, None)
         else_start = dict(values)
         with self.tracer.graph.branch(self.proxy.node, False):
-            yield self
+            self.tracer._branch_depth += 1
+            try:
+                yield self
+            finally:
+                self.tracer._branch_depth -= 1
         self.tracer._merge_values(self.proxy, start, self._then, self.tracer._changed_values(else_start))
 
 

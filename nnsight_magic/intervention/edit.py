@@ -21,6 +21,7 @@ from typing import Any, Iterator
 from ..tracing.graph import Graph
 from ..tracing.node import Node, map_nodes
 from ..tracing.proxy import Proxy
+from .parameters import ParameterValue
 from .tracer import DONE, Tracer
 
 
@@ -67,6 +68,9 @@ class Edit:
                                             fake=tracer._entry_fake(node.op, node.target, node.meta.get("call", 0), None))
                 tracer._entries[key] = entry
             return entry
+        if node.op == "call_function" and isinstance(node.target, ParameterValue):
+            target = node.target
+            return tracer.parameter_value(target.path, target.name, target.kind)
         if node.op in ("grad", "bridge", "result"):
             raise RuntimeError(f"an edit cannot use {node.describe()} ({node.location}); edits change module values")
         args = map_nodes(lambda argument: replayed[argument.index], node.args)

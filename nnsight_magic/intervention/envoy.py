@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from ..tracing.node import module_label, user_line
+from .parameters import parameter_kind
 
 _VALUE_NAMES = ("output", "input", "inputs")
 
@@ -91,6 +92,15 @@ class Envoy:
         self._tracer("call .next()").advance_call(self._path, calls)
         return self
 
+    def skip(self, value: Any) -> None:
+        """Run the model without this module's next call: its forward does not run, its output is ``value``.
+
+        In [1]: with lm.trace("Hello"):
+           ...:     lm.layers[1].skip(lm.layers[1].input)      # as if block 1 were removed
+        Applies to the whole batch (not inside one of several invokes).
+        """
+        self._tracer("call .skip()").skip_module(self._path, value)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Inside a trace: call the module on traced values (its hooks do not fire). Outside: call the module."""
         tracer = self._root._active_tracer
@@ -103,7 +113,10 @@ class Envoy:
         child = self._children.get(name)
         if child is None:
             path = f"{self._path}.{name}" if self._path else name
-            child = Envoy(self._module._modules[name], path, self._root)
+            module = self._module._modules[name]
+            classes = self._root.__dict__.get("_envoy_classes") or {}
+            envoy_class = next((classes[kind] for kind in type(module).__mro__ if kind in classes), Envoy)
+            child = envoy_class(module, path, self._root)
             self._children[name] = child
         return child
 
@@ -115,6 +128,19 @@ class Envoy:
             return self._child(name)
         if name.startswith("__"):
             raise AttributeError(name)
+        aliases = self._root.__dict__.get("_aliases")
+        if aliases:
+            names = resolve_alias(module, self._path, name, aliases)
+            if names is not None:
+                envoy = self
+                for each in names:
+                    envoy = envoy._child(each)
+                return envoy
+        tracer = self._root._active_tracer
+        if tracer is not None:
+            kind = parameter_kind(module, name)
+            if kind is not None:  # a parameter or buffer in a trace: this run's value, never the model's for good
+                return tracer.parameter_value(self._path, name, kind)
         try:
             return getattr(module, name)
         except AttributeError:
@@ -132,6 +158,8 @@ class Envoy:
             object.__setattr__(self, name, value)  # routes to the property setters above
         elif name.startswith("_"):
             object.__setattr__(self, name, value)
+        elif self._root._active_tracer is not None and parameter_kind(self._module, name) is not None:
+            self._root._active_tracer.set_parameter(self._path, name, parameter_kind(self._module, name), value)
         else:
             setattr(self._module, name, value)
             self._children.pop(name, None)
@@ -176,3 +204,21 @@ class Envoy:
             raise RuntimeError(f"cannot {action} on {self._label} outside a trace: use it inside "
                                f"`with model.trace(...):` or a `%%trace` cell")
         return tracer
+
+
+def resolve_alias(module: torch.nn.Module, path: str, name: str, aliases: dict[str, str]) -> list[str] | None:
+    """The child names that lead from the module at ``path`` to the module aliased ``name``, or ``None``."""
+    prefix = f"{path}." if path else ""
+    for real, alias in aliases.items():
+        if alias != name:
+            continue
+        if "." not in real and real in module._modules:
+            return [real]
+        if real.startswith(prefix) and len(real) > len(prefix):
+            names = real[len(prefix):].split(".")
+            current: Any = module
+            for each in names:
+                current = current._modules.get(each) if current is not None else None
+            if current is not None:
+                return names
+    return None

@@ -29,6 +29,7 @@ from ..tracing.graph import Graph
 from ..tracing.node import Node
 from .batching import compose, narrow
 from .compiled import compiled_error, compiled_part
+from .parameters import ParameterSwaps, ParameterValue
 
 _VALUE_KIND = {"module_output": "output", "module_inputs": "input"}
 
@@ -69,6 +70,18 @@ class ModelExecution(Execution):
             return super().apply_module(node, args, kwargs)
         finally:
             interleaver.paused -= 1
+
+    def call_function(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        target = node.target
+        if not isinstance(target, ParameterValue):
+            return super().call_function(node, args, kwargs)
+        tensor = target.tensor(self.root)
+        swaps = self.interleaver.parameter_swaps if self.interleaver is not None else None
+        if swaps is None or node.index not in swaps.edited:
+            return tensor if torch.is_grad_enabled() else tensor.detach()  # zero-copy: only read
+        copy = tensor.clone() if torch.is_grad_enabled() else tensor.detach().clone()  # this run's own copy
+        swaps.keep(node.index, copy)
+        return copy
 
     def update(self, node: Node, args: tuple, kwargs: dict) -> Any:
         target = node.args[0]
@@ -150,7 +163,43 @@ class Interleaver:
                 self.writes_on.setdefault(root_index, []).append(write)
         for index in graph.swap_indices:
             self.writes_on.setdefault(nodes[index].args[0].index, []).append(index)
+        edited = {node.index: node.target for node in nodes if node.meta.get("edited_parameter")}
+        self.parameter_swaps = ParameterSwaps(execution, edited, {
+            root_index: [write for write, root in graph.writes.items() if root == root_index]
+            for root_index in edited}) if edited else None
+        self.skipped_forwards: list[tuple[torch.nn.Module, Any]] = []
         execution.interleaver = self
+
+    def _install_skips(self) -> None:
+        """``module.skip(value)``: for the run, the module's forward returns nothing at the skipped calls, and its
+        output hook puts ``value`` in place (its other calls run as usual)."""
+        nodes = self.execution.nodes
+        by_path: dict[str, list[EntryPoint]] = {}
+        for index in self.execution.graph.swap_indices:
+            if not nodes[index].meta.get("skip"):
+                continue
+            entry = nodes[index].args[0]
+            point = next(point for point in self.tables[(entry.target, "output")][entry.meta.get("call", 0)]
+                         if point.index == entry.index)
+            if point.group is not None:
+                raise annotate(ValueError("`.skip()` skips the module for the whole batch; call it outside the "
+                                          "invokes (or in an invoke without input)"), nodes[index])
+            by_path.setdefault(entry.target, []).append(point)
+        for path, points in by_path.items():
+            module = self.find_module(path)
+            previous = module.__dict__.get("forward")
+            self.skipped_forwards.append((module, previous))
+            module.__dict__["forward"] = self._skipping_forward(module, previous or module.forward, points)
+
+    def _skipping_forward(self, module: torch.nn.Module, forward: Callable, points: list[EntryPoint]) -> Callable:
+        def skipping(*args: Any, **kwargs: Any) -> Any:
+            call = self.counts.get(id(module), 0)  # the output hook counts this call after forward returns
+            if not self.paused and any(point.call == call and (
+                    self.execution.armed[point.section] if point.section is not None else point.step == self.step)
+                    for point in points):
+                return None
+            return forward(*args, **kwargs)
+        return skipping
 
     # -------------------------------------------------------------------------------------------- hooks
     def __enter__(self) -> "Interleaver":
@@ -182,6 +231,9 @@ class Interleaver:
                     self.handles.append(module.register_forward_hook(self._output_hook(outputs)))
             if self.steps_matter:
                 self.handles.append(root.register_forward_hook(self._end_step))
+            if self.parameter_swaps is not None:
+                self.parameter_swaps.register(root, self.handles)
+            self._install_skips()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -191,6 +243,14 @@ class Interleaver:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        if self.parameter_swaps is not None:
+            self.parameter_swaps.restore()
+        for module, previous in self.skipped_forwards:
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+        self.skipped_forwards.clear()
         self.execution.interleaver = None
 
     def _begin_step(self, module: torch.nn.Module, args: tuple) -> None:

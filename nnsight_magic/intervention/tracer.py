@@ -26,12 +26,14 @@ import torch
 from ..errors import annotate, user_location
 from ..tracing.execution import DONE as DONE_STATE
 from ..tracing.graph import Graph, StepSet
-from ..tracing.node import Node, SourceLine, describe_fake, module_label, user_line
+from ..tracing.node import Node, SourceLine, describe_fake, map_nodes, module_label, user_line
 from ..tracing.proxy import Proxy
-from ..tracing.shapes import ModuleScan, ShapeInference
+from ..tracing.shapes import ModuleScan, ShapeInference, shared_fake_mode
 from .batching import narrow
+from .cache import cache as build_cache
 from .contexts import Conditional, IterationBlock, IterationIndexer, Invoker
 from .ordering import check_order
+from .parameters import ParameterValue
 from .session import current_session
 
 BUILDING, RECORDED, RUNNING, DONE, FAILED = "building", "recorded", "running", "done", "failed"
@@ -48,6 +50,7 @@ def first_input(inputs: tuple[tuple, dict]) -> Any:
 
 
 first_input.returns_view = True  # its value is part of the module's inputs: editing it edits the inputs
+first_input.structural = True  # it only picks a part of its argument: safe to run on fake values for shapes
 
 
 def replace_first_input(inputs: tuple[tuple, dict], value: Any) -> tuple[tuple, dict]:
@@ -59,6 +62,27 @@ def replace_first_input(inputs: tuple[tuple, dict], value: Any) -> tuple[tuple, 
         first = next(iter(kwargs))
         return args, {**kwargs, first: value}
     raise IndexError("the module was called without arguments, so it has no .input to set")
+
+
+replace_first_input.structural = True
+
+
+def retain_grad(tensor: torch.Tensor) -> None:
+    """``tensor.retain_grad()`` on the real value (``h.retain_grad()`` in a trace that calls ``.backward()``)."""
+    tensor.retain_grad()
+
+
+def in_branch(value: Any) -> Any:
+    """A module value read inside a ``tracer.cond`` branch: the same value, but it exists only if the branch runs.
+
+    The module's value itself is shared with reads outside the branch; this node carries the condition, so a
+    value saved in a branch that was not taken has no value after the run (its ``.value`` says why).
+    """
+    return value
+
+
+in_branch.returns_view = True  # the very same object: an edit through it edits the module's value
+in_branch.structural = True
 
 
 class Tracer:
@@ -101,6 +125,8 @@ class Tracer:
         self._proxies: list[weakref.ref] = []
         self._saved: dict[int, list[weakref.ref]] = {}
         self._bridges: dict[tuple[int, int], Proxy] = {}
+        self._branch_depth = 0  # open tracer.cond branches (see in_branch)
+        self._parameters: dict[tuple[str, str], Proxy] = {}
         self.session = current_session()
         self.session_index: int | None = None
 
@@ -163,6 +189,8 @@ class Tracer:
             kwargs = self._to_nodes(kwargs)
         node = self.graph.create_node(op, target, args, kwargs, filename=filename, lineno=lineno, meta=meta,
                                       fake=fake, after=after)
+        if node.fake is None and getattr(target, "structural", False) and self.graph.shape_inference is not None:
+            node.fake = _structural_fake(node)
         proxy = Proxy(node, self)
         self._proxies.append(weakref.ref(proxy))
         return proxy
@@ -213,6 +241,8 @@ class Tracer:
             else:
                 proxy = self._original(key)
             self._values[key] = proxy
+        if self._branch_depth:
+            return self.create_proxy("call_function", in_branch, (proxy,), {})
         return proxy
 
     def _original(self, key: tuple) -> Proxy:
@@ -246,6 +276,33 @@ class Tracer:
         if kind == "inputs":
             self._values.pop((*key[:1], "input", *key[2:]), None)
 
+    def skip_module(self, path: str, value: Any) -> None:
+        """``envoy.skip(value)``: the module's current call does not run; its output is ``value``."""
+        self.set_module_value(path, "output", value)
+        self._values[self._key(path, "output")].node.meta["skip"] = True
+
+    def parameter_value(self, path: str, name: str, kind: str) -> Proxy:
+        """``envoy.weight`` in a trace: a proxy of this run's parameter (or buffer); see :mod:`.parameters`.
+
+        One node per parameter, outside iteration blocks, so every read and edit in the trace sees the same tensor.
+        """
+        key = (path, name)
+        proxy = self._parameters.get(key)
+        if proxy is None:
+            with self.graph.outside_sections():
+                proxy = self.create_proxy("call_function", ParameterValue(path, name, kind), (), {})
+            if self.graph.shape_inference is not None:
+                with shared_fake_mode():
+                    proxy.node.fake = shared_fake_mode().from_tensor(
+                        proxy.node.target.tensor(self.model._module).detach())
+            if not self._branch_depth:  # one read inside a branch exists only if the branch runs
+                self._parameters[key] = proxy
+        return proxy
+
+    def set_parameter(self, path: str, name: str, kind: str, value: Any) -> None:
+        """``envoy.weight = value`` in a trace: this run's copy of the parameter takes ``value`` (``w[...] = value``)."""
+        self.parameter_value(path, name, kind)[...] = value
+
     def advance_call(self, path: str, calls: int = 1) -> None:
         """Later reads of the module at ``path`` refer to its call after the current one."""
         self._call_cursor[path] = self._call_cursor.get(path, 0) + calls
@@ -273,6 +330,9 @@ class Tracer:
     def call_method(self, proxy: Proxy, name: str, args: tuple, kwargs: dict,
                     location: tuple[str, int] | None = None) -> Proxy:
         """``proxy.name(*args, **kwargs)``; ``.backward()`` also numbers the backward pass for ``.grad``."""
+        if name == "retain_grad" and not args and not kwargs:
+            # a fake value never requires grad (shapes are computed without autograd): run it on real ones only
+            return self.create_proxy("call_function", retain_grad, (proxy,), {}, location=location)
         if name != "backward":
             return self.create_proxy("call_method", name, (proxy, *args), kwargs, location=location)
         index = self._backward_count
@@ -340,6 +400,16 @@ class Tracer:
     def log(self, *values: Any, **kwargs: Any) -> Proxy:
         """``print(*values)`` when the values exist (at that point of the model run)."""
         return self.create_proxy("log", print, values, kwargs)
+
+    def cache(self, modules: Any = None, include_inputs: bool = False, device: Any = None,
+              dtype: Any = None) -> Proxy:
+        """Every module's output in this run, saved: ``cache.value["transformer.h.0"]`` (see :mod:`.cache`).
+
+        ``modules=`` names the modules (paths or Envoys; default: every module that runs), ``include_inputs=True``
+        adds ``cache.value.inputs[path]`` (``(args, kwargs)``), ``device=`` / ``dtype=`` store converted copies. In
+        generation each entry is a list with one value per step.
+        """
+        return build_cache(self, modules, include_inputs, device, dtype)
 
     def list(self) -> Proxy:
         """A traced list: ``acc.append(x)`` inside invokes, steps and session traces; save it to keep it."""
@@ -417,6 +487,8 @@ class Tracer:
             for node in self.graph.nodes:
                 if not node.is_entry:
                     node.fake = self.graph.shape_inference.infer(node)
+                    if node.fake is None and getattr(node.target, "structural", False):
+                        node.fake = _structural_fake(node)
 
     def _final_entry_fake(self, node: Node) -> Any:
         section = node.section
@@ -445,6 +517,10 @@ class Tracer:
                                     for node in self.graph.nodes):
             raise ValueError("this trace has no input: pass one to `model.trace(input)` or open "
                              "`with tracer.invoke(input):` blocks")
+        nodes = self.graph.nodes
+        for root in self.graph.writes.values():
+            if isinstance(nodes[root].target, ParameterValue) and nodes[root].op == "call_function":
+                nodes[root].meta["edited_parameter"] = True  # this run edits a copy; the model keeps its own
         if self.validate:
             self._refresh_shapes()
             scan = next((scan for scan in self._scans.values() if scan is not None), None)
@@ -510,6 +586,29 @@ def check_replacement(original: Proxy, value: Any, label: str) -> None:
         kind = "a tensor" if expected is torch.Tensor else "a tuple or list"
         raise TypeError(f"{user_line()}: {label} is {kind} ({describe_fake(fake)}), so it must be replaced by "
                         f"{kind}, not {type(replacement).__name__}")
+
+
+def _structural_fake(node: Node) -> Any:
+    """The fake value of a node whose function only picks or rearranges parts of its arguments (``.input``).
+
+    Such functions are safe on fake values. One that fails here (a module called without arguments has no
+    ``.input``) is left without a shape; the run raises the same error at the user's line.
+    """
+    unknown = False
+
+    def fake_of(argument: Node) -> Any:
+        nonlocal unknown
+        unknown = unknown or argument.fake is None
+        return argument.fake
+
+    args = map_nodes(fake_of, node.args)
+    kwargs = map_nodes(fake_of, node.kwargs)
+    if unknown:
+        return None
+    try:
+        return node.target(*args, **kwargs)
+    except Exception:
+        return None
 
 
 def _signature(fake: Any) -> Any:

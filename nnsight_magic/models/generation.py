@@ -164,6 +164,24 @@ class GenerationTracer(Tracer):
         self._check_cursor()
         return super().module_value(path, kind)
 
+    def _key(self, path: str, kind: str, invoke: Any = "current") -> tuple:
+        """``module.next()`` outside an iteration block moves to the module's next call across steps: its call in
+        the next generation step for a module called once per forward pass (so the same step whether or not the
+        trace also has ``tracer.iter`` blocks, which make calls count per step)."""
+        path, kind, call, step, section, invoke = super()._key(path, kind, invoke)
+        if section is None and call:
+            per_step = self._calls_per_step(path)
+            step, call = step + call // per_step, call % per_step
+            if self.max_new_tokens is not None and step >= self.max_new_tokens:
+                raise IndexError(f"{user_line()}: .next() moved {path or 'the model'} to generation step {step}, but "
+                                 f"max_new_tokens={self.max_new_tokens} runs steps 0 to {self.max_new_tokens - 1}")
+        return path, kind, call, step, section, invoke
+
+    def _calls_per_step(self, path: str) -> int:
+        """How often the module at ``path`` runs in one forward pass (from the prompt's scan; 1 when unknown)."""
+        scan = self._scan(None) if self.validate else None
+        return max(scan.calls(path), 1) if scan is not None else 1
+
     def set_module_value(self, path: str, kind: str, value: Any) -> None:
         self._check_cursor()
         super().set_module_value(path, kind, value)

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..intervention.attention import attention_envoys
 from ..intervention.tracer import Tracer
 from ..tracing.symbolic import Roles
 from .generation import GENERATE, GenerationTracer, decode_step_scan, first_step_runner, generation_options, \
@@ -52,13 +53,17 @@ class LanguageModel(NNsight):
             directory to load with ``AutoModelForCausalLM.from_pretrained``.
         tokenizer: the tokenizer, or a repo id / directory to load it from. When ``model`` is a name it defaults
             to that name's tokenizer. Without one, inputs must be token ids.
+        rename: extra module names (``{"transformer.h": "layers"}``), on top of the family's standard ones
+            (``lm.layers[0].attn``, ``lm.embed``, ``lm.ln_final``, ``lm.unembed``; see :mod:`.aliases`).
+        envoys: ``{module class: Envoy subclass}`` (see :class:`~nnsight_magic.models.nnsight.NNsight`).
         **from_pretrained_kwargs: passed to ``from_pretrained`` (``device_map="auto"``, ``dtype=...``, ``revision=``);
             only with a name.
     """
 
     _batching_changes_shapes = True  # invokes are padded to the longest prompt
 
-    def __init__(self, model: torch.nn.Module | str | os.PathLike, tokenizer: Any = None,
+    def __init__(self, model: torch.nn.Module | str | os.PathLike, tokenizer: Any = None, *,
+                 rename: dict[str, str] | None = None, envoys: dict[type, type] | None = None,
                  **from_pretrained_kwargs: Any):
         if isinstance(model, (str, os.PathLike)):
             model, tokenizer = _load(os.fspath(model), tokenizer, from_pretrained_kwargs)
@@ -67,7 +72,7 @@ class LanguageModel(NNsight):
                             "from_pretrained; pass them with a repo id or directory, not with a loaded model")
         elif isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = _load_tokenizer(os.fspath(tokenizer), {})
-        super().__init__(model)
+        super().__init__(model, rename=rename, envoys={**attention_envoys(), **(envoys or {})})
         object.__setattr__(self, "_tokenizer", tokenizer)
         object.__setattr__(self, "_forward_parameters", set(inspect.signature(model.forward).parameters))
 

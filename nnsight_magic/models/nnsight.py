@@ -32,6 +32,7 @@ from ..intervention.session import Session
 from ..intervention.tracer import Tracer
 from ..tracing.shapes import ModuleScan, ScanFailed
 from ..tracing.symbolic import ConcreteScan, Roles, SymbolicScan
+from .aliases import standard_aliases
 
 SCAN_CACHE_SIZE = 8
 
@@ -50,15 +51,28 @@ class NNsight(Envoy):
 
     Args:
         module: any ``torch.nn.Module``. It is used as it is (not copied): traces hook it only while they run.
+        rename: extra names for modules, ``{"transformer.h": "layers", "self_attn": "attn"}`` (see
+            :mod:`~nnsight_magic.models.aliases`; Hugging Face families get a standard set: ``layers``, ``attn``,
+            ``mlp``, ``embed``, ``ln_final``, ``unembed``).
+        envoys: ``{module class: Envoy subclass}``: modules of that class (or a subclass) get that Envoy, for your
+            own properties (nnsight's ``envoys=``), e.g. ``{torch.nn.Linear: LinearEnvoy}``.
     """
 
     _batching_changes_shapes = False  # concatenating tensors keeps each input's shape
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, *, rename: dict[str, str] | None = None,
+                 envoys: dict[type, type] | None = None):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, not {type(module).__name__}")
         object.__setattr__(self, "_open_tracers", threading.local())
-        super().__init__(uncompiled(module))
+        module = uncompiled(module)
+        super().__init__(module)
+        object.__setattr__(self, "_aliases", {**standard_aliases(module), **(rename or {})})
+        for module_class, envoy_class in (envoys or {}).items():
+            if not (isinstance(envoy_class, type) and issubclass(envoy_class, Envoy)):
+                raise TypeError(f"envoys={{{module_class.__name__}: {envoy_class!r}}}: the value must be an Envoy "
+                                "subclass")
+        object.__setattr__(self, "_envoy_classes", dict(envoys or {}))
         object.__setattr__(self, "_edits", [])
         object.__setattr__(self, "_scan_cache", collections.OrderedDict())
         object.__setattr__(self, "_scan_failures", set())
@@ -89,7 +103,7 @@ class NNsight(Envoy):
         """Several traces that run as one unit at the end of the block; later ones may use earlier values."""
         return Session()
 
-    def edit(self, inplace: bool = False) -> EditTracer:
+    def edit(self, *, inplace: bool = False) -> EditTracer:
         """Interventions that apply to every later trace: of a copy of this model (default) or of this model."""
         return EditTracer(self if inplace else self._edited_copy())
 
