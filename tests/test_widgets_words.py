@@ -90,7 +90,7 @@ def test_a_loop_over_thirty_layers_folds_into_one_group_per_line(notebook):
     assert re.search(r"line 2 · ×30 · <span[^>]*>layers\[i\]\.output → …</span>", page)
     assert 'class="nnsight-scroll"' in page and "max-height: 26em" in page     # a bounded, scrolling table
     text = inspector.text().splitlines()
-    assert len(text) - len(inspector.table.summary_lines()) == 6 and re.search(r"^\s*2\s+×30\s+layers\[i\]\.output → …", text[2])
+    assert len(text) - len(inspector.table.summary_lines()) == 7 and re.search(r"^\s*2\s+×30\s+layers\[i\]\.output → …", text[2])
 
 
 def test_integers_read_as_integers_and_token_ids_are_decoded():
