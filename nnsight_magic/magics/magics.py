@@ -115,7 +115,7 @@ class TraceMagics(Magics):
                 bindings.save_traced(names + [RESULT_NAME], lambda proxy: proxy.tracer is tracer)
         except BaseException as error:
             bindings.restore()
-            trim_to_user_code(error, code.filename)
+            trim_to_user_code(error, code.filename, self.shell)
             raise
         finally:
             if session is not None:
@@ -210,7 +210,7 @@ class TraceMagics(Magics):
             if session.status == OPEN:
                 session.discard()
             bindings.restore()
-            trim_to_user_code(error, code.filename)
+            trim_to_user_code(error, code.filename, self.shell)
             raise
         bindings.bind()
         return namespace.pop(RESULT_NAME, None)
@@ -277,11 +277,12 @@ class TraceMagics(Magics):
         return magic.parser.parse_args(split_arguments(line))
 
     def _evaluate(self, expression: str, role: str) -> Any:
+        __tracebackhide__ = True
         try:
             return eval(expression, self.shell.user_ns)
         except Exception as error:
             error.add_note(f"while evaluating the %%trace {role} `{expression}`")
-            raise
+            raise error.with_traceback(None) from None  # the eval's own frame has no source to show
 
     def close(self) -> None:
         """Drop an open session (the extension is being unloaded)."""
