@@ -30,3 +30,13 @@ def asset_path(folder: str, name: str) -> Path:
 def asset(folder: str, name: str) -> str:
     """The text of ``folder/name`` (read once)."""
     return asset_path(folder, name).read_text(encoding="utf-8")
+
+
+@functools.cache
+def viewer_module(name: str) -> str:
+    """The ES module of viewer ``name`` (``logit_lens``) with ``widgets/common.js`` inlined: one self-contained
+    module, as anywidget loads it (a module from a string cannot import its neighbours)."""
+    common = asset("widgets", "common.js").replace("export function ", "function ")
+    own = "\n".join(line for line in asset("widgets", f"{name}.js").splitlines()
+                    if not line.startswith("import "))
+    return f"{common}\n{own}"
