@@ -345,7 +345,8 @@ def test_a_graph_is_shown_as_it_is(recorder, net, x):
 def test_without_a_front_end_a_text_summary_is_printed(net, x, capsys):
     inspector, hidden, _ = trace_five_nodes(net, x)
     printed = capsys.readouterr().out
-    built, finished = printed.split("\n", 7)[:7], printed.splitlines()[7:]
+    built, memory, finished = printed.splitlines()[:7], printed.splitlines()[7], printed.splitlines()[8:]
+    assert memory == "memory: saves 144 B · largest value 120 B (hidden)"   # (3, 10) + (3, 2) float32, from shapes
     assert built[0] == "Sequential · cpu · 1 input (3 rows) · 0/5 nodes ran — running"
     assert built[1].split() == ["line", "name", "expression", "shape", "dtype", "status"]
     assert [line.split()[1] for line in built[2:7]] == ["hidden", "layer2.output", "layer2.output[:,",

@@ -90,7 +90,7 @@ def test_a_loop_over_thirty_layers_folds_into_one_group_per_line(notebook):
     assert re.search(r"line 2 · ×30 · <span[^>]*>layers\[i\]\.output → …</span>", page)
     assert 'class="nnsight-scroll"' in page and "max-height: 26em" in page     # a bounded, scrolling table
     text = inspector.text().splitlines()
-    assert len(text) - len(inspector.table.summary_lines()) == 7 and re.search(r"^\s*2\s+×30\s+layers\[i\]\.output → …", text[2])
+    assert len(text) - len(inspector.table.summary_lines()) == 8 and re.search(r"^\s*2\s+×30\s+layers\[i\]\.output → …", text[2])
 
 
 def test_integers_read_as_integers_and_token_ids_are_decoded():
@@ -144,3 +144,19 @@ def test_the_finished_inspector_is_replaced_by_a_static_rendering(notebook):
     assert bundle["text/plain"] == inspector.text()
     live = inspector._repr_mimebundle_()
     assert {"application/vnd.jupyter.widget-view+json", "text/html", "text/plain"} <= set(live)
+
+
+def test_the_header_forecasts_memory_from_shapes_and_warns_above_the_threshold(notebook):
+    notebook.user_ns.update(net=NNsight(Deep(3)), x=torch.rand(5, 4))
+    ok(notebook, "%config TraceMagics.memory_warning = '100B'")
+    ok(notebook, "%%trace net x\nfirst = net.layers[0].output[0]\nlast = net.layers[2].output\n")
+    inspector = notebook.shown[0]
+    # `first` is a view: it keeps all of layers[0].output (5 × 4 float32) alive; `last` is 5 × 4 float32 too
+    assert (inspector.forecast.saved, inspector.forecast.largest) == (2 * 5 * 4 * 4, 5 * 4 * 4)
+    assert "memory: saves 160 B · largest value 80 B" in inspector.text()
+    assert "above 100 B (%config TraceMagics.memory_warning)" in inspector.text()
+    ok(notebook, "%config TraceMagics.memory_warning = '1GB'")
+    ok(notebook, "%%trace net x\nlast = net.layers[2].output\n")
+    assert "above" not in notebook.shown[1].text()
+    notebook.run_line_magic("config", "TraceMagics.memory_warning = 'lots'")   # refused: the setting stays
+    assert notebook.run_line_magic("config", "TraceMagics.memory_warning") == "1GB"

@@ -41,6 +41,7 @@ from .graph_view import GraphView
 from .summaries import summarize
 from . import theme
 from .assets import asset
+from .forecast import MemoryForecast, memory_forecast
 from .table import CSS, FILTER_SCRIPT, STYLE, NodeTable, Row, table_of
 from .throttle import Throttle
 
@@ -131,7 +132,8 @@ class GraphInspector(ipywidgets.VBox):
         graph_view: the dependency graph, folded under the table (sent once).
     """
 
-    def __init__(self, source: Tracer | Graph, *, title: str = "", update_interval: float = 0.1):
+    def __init__(self, source: Tracer | Graph, *, title: str = "", update_interval: float = 0.1,
+                 memory_warning: int | None = None):
         look = shared_look()
         self.live = LiveTable(layout=look["layout"])
         self.graph_view = GraphView(folded=True, **look)
@@ -146,6 +148,8 @@ class GraphInspector(ipywidgets.VBox):
         self.elapsed: float | None = None
         self.table = NodeTable([])
         self.tokens: TokenStream | None = None
+        self.memory_warning = memory_warning
+        self.forecast: MemoryForecast | None = None
         self._decode: Any = None
         self._sections: list[tuple[StepSet, list[int]]] = []
         self._started = 0.0
@@ -246,8 +250,14 @@ class GraphInspector(ipywidgets.VBox):
 
     # ------------------------------------------------------------------------------- static forms
     def text(self) -> str:
-        """The header and the table as plain text (what a terminal shows)."""
-        return f"{self._header_text()}\n{self.table.text()}"
+        """The header, the table and the memory forecast as plain text (what a terminal shows)."""
+        return "\n".join([self._header_text(), self.table.text()] + self._memory_lines())
+
+    def _memory_lines(self) -> list[str]:
+        if self.forecast is None or not self.forecast.largest:
+            return []
+        warning = self.forecast.warning(self.memory_warning)
+        return [f"memory: {self.forecast.describe()}"] + ([warning] if warning else [])
 
     def result_text(self) -> str:
         """The header and one line per saved value's summary (printed at the end of a run outside notebooks)."""
@@ -285,6 +295,7 @@ class GraphInspector(ipywidgets.VBox):
         self.state = state
         self.table = table_of(graph, status="pending" if state in ("running", "recorded") else "")
         self._sections = [(section.steps, list(section.nodes)) for section in graph.sections]
+        self.forecast = memory_forecast(graph, [row.name or row.expression for row in self.table.rows])
         self.graph_view.show(graph)
 
     def _begin_run(self) -> None:
@@ -336,9 +347,15 @@ class GraphInspector(ipywidgets.VBox):
         badge = (f' — <span class="state" style="color:{theme.state_colour(self.state)}">{escape(state)}</span>'
                  if state else "")
         failure = f'<div class="failure">{escape(self.error)}</div>' if self.error else ""
+        memory = ""
+        if self.forecast is not None and self.forecast.largest:
+            warning = self.forecast.warning(self.memory_warning)
+            memory = (f'<div class="memory muted" data-saved="{self.forecast.saved}" '
+                      f'data-largest="{self.forecast.largest}">memory: {escape(self.forecast.describe())}</div>'
+                      + (f'<div class="warning">{escape(warning)}</div>' if warning else ""))
         step = "" if self.step is None else self.step
         return (f'<div class="header" data-state="{self.state}" data-step="{step}">'
-                f'{" · ".join(part for part in parts if part)}{badge}</div>{failure}')
+                f'{" · ".join(part for part in parts if part)}{badge}</div>{memory}{failure}')
 
     def _generated_html(self) -> str:
         text = self.generated_text()
