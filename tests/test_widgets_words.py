@@ -160,3 +160,22 @@ def test_the_header_forecasts_memory_from_shapes_and_warns_above_the_threshold(n
     assert "above" not in notebook.shown[1].text()
     notebook.run_line_magic("config", "TraceMagics.memory_warning = 'lots'")   # refused: the setting stays
     assert notebook.run_line_magic("config", "TraceMagics.memory_warning") == "1GB"
+
+
+def test_generation_shows_the_tokens_so_far_even_when_the_cell_reads_only_the_result(monkeypatch):
+    tokenizer = tokenizer_or_skip()
+    lm = LanguageModel(make_tiny_gpt2(), tokenizer=tokenizer)
+    seen: list[str] = []
+    monkeypatch.setattr(inspector_module, "in_notebook", lambda: True)
+    monkeypatch.setattr(inspector_module, "display", lambda widget, **options: None)
+    with lm.generate("The Eiffel Tower is in", max_new_tokens=4) as tracer:
+        inspector = GraphInspector(tracer, update_interval=0)
+        inspector.live.observe(lambda change: seen.append(change["new"]), "value")
+        result = tracer.result.save()
+    prompt_length = len(tokenizer("The Eiffel Tower is in")["input_ids"])
+    generated = result.value[0, prompt_length:].tolist()
+    assert inspector.tokens.generated == generated
+    assert inspector.generated_text() == tokenizer.decode(generated)
+    counts = [int(match) for page in seen for match in re.findall(r'class="generated" data-tokens="(\d+)"', page)]
+    assert counts[:4] == [1, 2, 3, 4]                      # one more token at each update while it generated
+    assert "streamer" not in tracer.run_options           # the run's options are as the cell gave them
