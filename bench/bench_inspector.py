@@ -196,7 +196,7 @@ def kernel_section() -> None:
     manager, client = start_new_kernel(kernel_name="python3", env=environment)
     try:
         client.execute_interactive(KERNEL_SETUP, timeout=900, output_hook=lambda message: None)
-        timings = common.interleave(kernel_cases(client), rounds=common.rounds(20), warmup=1, clock=time.perf_counter)
+        timings = common.interleave(kernel_cases(client), rounds=common.rounds(8), warmup=1, clock=time.perf_counter)
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)

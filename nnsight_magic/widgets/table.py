@@ -47,7 +47,7 @@ CSS = f"""
 .nnsight-inspector th {{ text-align: left; font-weight: 600; color: {theme.TEXT_SECONDARY};
   border-bottom: 1px solid {theme.BORDER}; padding: 2px 10px 2px 4px; position: sticky; top: 0;
   background: {theme.BACKGROUND}; }}
-.nnsight-inspector td {{ padding: 1px 10px 1px 4px; vertical-align: top; white-space: nowrap; }}
+.nnsight-inspector td {{ padding: 1px 10px 1px 4px; vertical-align: top; white-space: nowrap; text-align: left; }}
 .nnsight-inspector td.line {{ color: {theme.TEXT_MUTED}; text-align: right; }}
 .nnsight-inspector td.name {{ font-weight: 600; }}
 .nnsight-inspector td.expression {{ max-width: 36em; overflow: hidden; text-overflow: ellipsis; }}
