@@ -86,7 +86,7 @@ def run_headless(notebook: Path, output: Path) -> bool:
     document = nbformat.read(notebook, as_version=4)
     kernel = document.metadata.get("kernelspec", {}).get("name", DEFAULT_NAME)
     print(f'Running {notebook.name} in the kernel "{kernel}" ...', flush=True)
-    client = NotebookClient(document, kernel_name=kernel, timeout=CELL_TIMEOUT_SECONDS,
+    client = NotebookClient(document, kernel_name=kernel, timeout=CELL_TIMEOUT_SECONDS, store_widget_state=False,
                             resources={"metadata": {"path": os.fspath(notebook.parent)}})
     succeeded = True
     try:

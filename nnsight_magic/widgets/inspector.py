@@ -129,10 +129,10 @@ class GraphInspector(ipywidgets.VBox):
         error: ``Type: message`` of the error that ended the run, if it failed.
         live: the widget with the header, the progress bar and the table: the part that changes while the model
             runs (one message per update).
-        graph_view: the dependency graph, folded under the table (sent once).
+        graph_view: the dependency graph, folded under the table (drawn and sent once, when the run ends).
     """
 
-    def __init__(self, source: Tracer | Graph, *, title: str = "", update_interval: float = 0.1,
+    def __init__(self, source: Tracer | Graph, *, title: str = "", update_interval: float = 0.25,
                  memory_warning: int | None = None):
         look = shared_look()
         self.live = LiveTable(layout=look["layout"])
@@ -154,6 +154,7 @@ class GraphInspector(ipywidgets.VBox):
         self._sections: list[tuple[StepSet, list[int]]] = []
         self._started = 0.0
         self._handle: Any = None
+        self._graph: Graph | None = None
         self._throttle = Throttle(self._render, update_interval)
         if isinstance(source, Tracer) and source.status == BUILDING:
             source.observers.append(self)
@@ -183,6 +184,8 @@ class GraphInspector(ipywidgets.VBox):
         self._throttle.flush()
         if in_notebook():
             self._handle = display(self, display_id=True)
+            if tracer.scan_only and self._handle is not None:  # a scan ends here: nothing more will change
+                self._handle.update(self.static_bundle(), raw=True)
         else:
             print(self.text())
 
@@ -241,6 +244,9 @@ class GraphInspector(ipywidgets.VBox):
                 rows[execution.failed_at].error = str(error) or type(error).__name__
         else:
             self.state = "done"
+        if self._graph is not None:
+            self.graph_view.show(self._graph)
+            self._graph = None  # the inspector keeps no graph alive after the run
         self.elapsed = time.perf_counter() - self._started
         self._throttle.flush()
         if self._handle is not None:
@@ -296,7 +302,10 @@ class GraphInspector(ipywidgets.VBox):
         self.table = table_of(graph, status="pending" if state in ("running", "recorded") else "")
         self._sections = [(section.steps, list(section.nodes)) for section in graph.sections]
         self.forecast = memory_forecast(graph, [row.name or row.expression for row in self.table.rows])
-        self.graph_view.show(graph)
+        if state in ("running", "recorded"):
+            self._graph = graph  # drawn when the run ends (one message then, none while the model runs)
+        else:
+            self.graph_view.show(graph)
 
     def _begin_run(self) -> None:
         """A recorded trace starts running (its session runs)."""
