@@ -17,12 +17,18 @@ building the widgets, rendering rows, the throttled updates while the model runs
   fixed cost (widgets, rows, summaries) against a run of a few milliseconds.
 * **smollm2**, a classroom model: the embedded SmolLM2-135M generates 100 tokens from the Eiffel Tower prompt,
   watched the same way.
+* **in a real kernel** (``BENCH_INSPECTOR_KERNEL_ONLY=1`` runs only this part): ``%%trace`` cells of the embedded
+  model sent to an IPython kernel through jupyter_client, as nbclient runs a notebook: a 30-block logit-lens cell
+  (target: the inspector adds at most 10 %) and a 100-step generation that reads only ``tracer.result`` (at most
+  2 %), each with and without ``--no-widget``, interleaved.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import time
 from typing import Any, Callable, Iterator
 
 import comm
@@ -50,13 +56,23 @@ class EncodingComm(comm.base_comm.BaseComm):
         EncodingComm.encoded_bytes += len(json.dumps({"msg_type": msg_type, "data": data, "metadata": metadata}))
 
 
+class EncodedDisplay:
+    """A display and its handle: the bundle JSON-encoded when shown and when updated (the static form)."""
+
+    def __init__(self, widget: Any):
+        json.dumps(widget._repr_mimebundle_())
+
+    def update(self, bundle: dict, raw: bool = False) -> None:
+        json.dumps(bundle)
+
+
 @contextlib.contextmanager
 def notebook_front_end() -> Iterator[None]:
     """Widgets talk to :class:`EncodingComm`; the inspector displays itself (encoded) as in a notebook."""
     saved = comm.create_comm, inspector_module.in_notebook, inspector_module.display
     comm.create_comm = lambda **kwargs: EncodingComm(**kwargs)
     inspector_module.in_notebook = lambda: True
-    inspector_module.display = lambda widget: json.dumps(widget._repr_mimebundle_())
+    inspector_module.display = lambda widget, **options: EncodedDisplay(widget)
     try:
         yield
     finally:
@@ -132,8 +148,78 @@ def message_counts(runs: dict[str, Callable[[], Any]]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ real kernel
+KERNEL_SETUP = """%load_ext nnsight_magic
+import torch
+torch.set_num_threads(1)
+from nnsight_magic import load_embedded_model
+lm = load_embedded_model()
+prompt = "The Eiffel Tower is located in the city of"
+"""
+LENS_CELL = """%%trace lm prompt{flag}
+lens = [lm.lm_head(lm.model.norm(block.output[0, -1])).softmax(-1) for block in lm.model.layers]
+"""
+GENERATE_CELL = """%%trace lm prompt --generate --max-new-tokens 100{flag}
+ids = tracer.result
+"""
+
+
+def kernel_cases(client: Any) -> dict[str, Callable[[], Any]]:
+    """Cells of the embedded model run in a real IPython kernel (jupyter_client, no browser, as nbclient runs a
+    notebook): the widget's messages are built, encoded and sent over ZeroMQ; timed from request to reply."""
+    def cell(code: str) -> Callable[[], Any]:
+        def run() -> None:
+            reply = client.execute_interactive(code, timeout=900, output_hook=lambda message: None)
+            if reply["content"]["status"] != "ok":
+                raise RuntimeError(f"the cell failed: {reply['content']}")
+        return run
+    return {"lens_30_layers": cell(LENS_CELL.format(flag=" --no-widget")),
+            "lens_30_layers_inspected": cell(LENS_CELL.format(flag="")),
+            "generate_100": cell(GENERATE_CELL.format(flag=" --no-widget")),
+            "generate_100_inspected": cell(GENERATE_CELL.format(flag=""))}
+
+
+KERNEL_DESCRIPTIONS = {
+    "lens_30_layers": "%%trace: logit lens over SmolLM2's 30 blocks (150 nodes), --no-widget",
+    "lens_30_layers_inspected": "the same cell with the inspector",
+    "generate_100": "%%trace --generate --max-new-tokens 100, reads only tracer.result, --no-widget",
+    "generate_100_inspected": "the same cell with the inspector (tokens so far shown live)",
+}
+
+
+def kernel_section() -> None:
+    from jupyter_client.manager import start_new_kernel
+
+    root = __file__.rsplit("/bench/", 1)[0]
+    environment = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                       OMP_NUM_THREADS="1")
+    manager, client = start_new_kernel(kernel_name="python3", env=environment)
+    try:
+        client.execute_interactive(KERNEL_SETUP, timeout=900, output_hook=lambda message: None)
+        timings = common.interleave(kernel_cases(client), rounds=common.rounds(8), warmup=1, clock=time.perf_counter)
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    print("### In a real kernel: the embedded SmolLM2-135M, wall time from execute_request to execute_reply\n")
+    print(common.table(timings, {"lens_30_layers_inspected": "lens_30_layers",
+                                 "generate_100_inspected": "generate_100"}, KERNEL_DESCRIPTIONS), "\n")
+    rows, shares = [], []
+    for case, share in (("lens_30_layers", 0.10), ("generate_100", 0.02)):
+        baseline = common.summary(timings[case])["median_ms"]
+        cost = common.paired_difference(timings[f"{case}_inspected"], timings[case])
+        interval = common.paired_interval(timings[f"{case}_inspected"], timings[case])
+        rows.append((f"inspector on {case}", cost, interval, share * baseline,
+                     f"{case}_inspected − {case}; target: {100 * share:.0f} % of {case}'s median"))
+        shares.append(f"{case} {100 * cost / baseline:+.1f} %")
+    print(common.targets_table(rows), "\n")
+    print(f"Share of the cell's wall time: {'; '.join(shares)}.\n")
+
+
 # -------------------------------------------------------------------------------------------------- run
 def main() -> None:
+    if os.environ.get("BENCH_INSPECTOR_KERNEL_ONLY") == "1":
+        kernel_section()
+        return
     print("## The live inspector's cost\n")
     with notebook_front_end():
         runs = tiny_cases()
@@ -159,6 +245,7 @@ def main() -> None:
     print(common.targets_table(rows), "\n")
     print(f"Share of the run: {'; '.join(shares)}. Every case was checked before timing: the tokens and the saved "
           "values are the same with and without the inspector.\n")
+    kernel_section()
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ From a clone of the repository (``make demo`` runs this after setting up ``.venv
 
 Both first install the ``nnsight`` kernel (the extension preloaded) into this Python environment, so JupyterLab
 opens the notebooks with it; JupyterLab's own log goes to ``build/demo/jupyterlab.log``. ``--headless`` runs
-the notebook with nbclient instead of a browser, keeps the final state of every widget (the inspectors), and
-writes a standalone HTML page with that state embedded; a browser with internet access draws the widgets from
-it (the widget renderer comes from a CDN).
+the notebook with nbclient instead of a browser and writes a standalone HTML page in which every inspector and
+viewer is its static HTML rendering (their mime bundles carry one): the page needs no kernel, no widget state and
+no CDN.
 
 The notebooks live in ``examples/`` of the repository, next to this package; an installed copy of the package
 without them says where to get them.
@@ -74,7 +74,7 @@ def register_kernel(prefix: str | os.PathLike = sys.prefix) -> Path:
 
 
 def run_headless(notebook: Path, output: Path) -> bool:
-    """Run ``notebook`` top to bottom in its kernel and write it, with its widgets' state, as HTML to ``output``.
+    """Run ``notebook`` top to bottom in its kernel and write it as HTML to ``output`` (widgets as static HTML).
 
     Returns whether every cell ran; a failed notebook is written too, with the error in its cell.
     """
@@ -86,7 +86,7 @@ def run_headless(notebook: Path, output: Path) -> bool:
     document = nbformat.read(notebook, as_version=4)
     kernel = document.metadata.get("kernelspec", {}).get("name", DEFAULT_NAME)
     print(f'Running {notebook.name} in the kernel "{kernel}" ...', flush=True)
-    client = NotebookClient(document, kernel_name=kernel, timeout=CELL_TIMEOUT_SECONDS, store_widget_state=True,
+    client = NotebookClient(document, kernel_name=kernel, timeout=CELL_TIMEOUT_SECONDS, store_widget_state=False,
                             resources={"metadata": {"path": os.fspath(notebook.parent)}})
     succeeded = True
     try:

@@ -166,3 +166,40 @@ class JupyterLab:
 def launch_chromium(playwright: Any) -> Any:
     """Headless Debian Chromium through Playwright's own driver."""
     return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+
+
+def set_theme_js(theme: str) -> str:
+    """JavaScript that switches JupyterLab to ``theme`` (``JupyterLab Light``, ``JupyterLab Dark``) and resolves
+    once the page uses it."""
+    return f"""async () => {{
+  await window.jupyterapp.commands.execute('apputils:change-theme', {{theme: {json.dumps(theme)}}});
+  for (let i = 0; i < 100 && document.body.dataset.jpThemeName !== {json.dumps(theme)}; i++)
+    await new Promise(done => setTimeout(done, 100));
+  await new Promise(done => setTimeout(done, 300));
+  return document.body.dataset.jpThemeName;
+}}"""
+
+
+#: the lowest WCAG contrast ratio between the text of the elements ``selector`` finds and what is behind it
+CONTRAST_JS = """(selector) => {
+  const rgb = (text) => (text.match(/[\\d.]+/g) || []).map(Number);
+  const luminance = ([r, g, b]) => {
+    const channel = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); };
+    return 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b);
+  };
+  const behind = (node) => {
+    for (; node; node = node.parentElement) {
+      const colour = rgb(getComputedStyle(node).backgroundColor);
+      if (colour.length === 3 || (colour.length === 4 && colour[3] > 0.5)) return colour.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  let lowest = Infinity, worst = '';
+  for (const node of document.querySelectorAll(selector)) {
+    if (!node.textContent.trim() || !node.offsetParent) continue;
+    const a = luminance(rgb(getComputedStyle(node).color).slice(0, 3)), b = luminance(behind(node));
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    if (ratio < lowest) { lowest = ratio; worst = node.textContent.trim().slice(0, 40); }
+  }
+  return [lowest, worst];
+}"""

@@ -8,7 +8,6 @@ JupyterLab, prints the notebook's address, and stops the server on Ctrl+C.
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import re
@@ -43,18 +42,9 @@ def test_headless_demo_runs_the_first_notebook_and_writes_html_with_the_inspecto
     text = page.read_text(encoding="utf-8")
     assert "All checks passed." in text, "the notebook ran to its last cell, whose checks passed"
     assert re.search(r"P\(' Paris'\) is 0\.\d{3} normally", text), "the executed cells' printed output is there"
-    state = widget_state(text)
-    inspectors = [model for model in state.values() if "nnsight-inspector" in str(model["state"].get("value", ""))]
-    assert inspectors, "the inspectors' final state is embedded"
-    assert any("lm_head" in model["state"]["value"] for model in inspectors)
-    assert text.count("application/vnd.jupyter.widget-view+json") >= 3, "one inspector per %%trace cell"
-
-
-def widget_state(page: str) -> dict:
-    """The widget models embedded in an nbconvert HTML page, by model id."""
-    found = re.search(r'<script type="application/vnd.jupyter.widget-state\+json">(.*?)</script>', page, re.S)
-    assert found, "the page embeds widget state"
-    return json.loads(html.unescape(found.group(1)))["state"]
+    # every inspector is its static HTML: the page needs no kernel, no widget state and no CDN to show the tables
+    assert text.count('class="nnsight-inspector nnsight-inspector-static"') >= 3, "one inspector per %%trace cell"
+    assert "lm_head.output" in text and "Error displaying widget" not in text
 
 
 def test_demo_serves_jupyterlab_on_the_first_notebook_with_the_kernel_and_stops_on_ctrl_c(tmp_path,

@@ -9,8 +9,10 @@ would never open a gate and would fail at its deadline instead.
 
 from __future__ import annotations
 
+import json
 import queue
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -136,3 +138,15 @@ def test_updates_arrive_while_the_cell_is_still_running(kernel, tmp_path: Path):
                                              ["model.output", "(3, 2)", "float32", "pending"]]
     minimum, mean, maximum = (float(value) for value in "".join(printed).split()[1:4])
     assert f"min {minimum:.3g}  mean {mean:.3g}  max {maximum:.3g}" in tables[-1]
+
+
+def test_the_kernelspec_comes_from_the_top_level_kernel_folder(tmp_path: Path):
+    from nnsight_magic.kernel import LOGOS, PRELOAD, install
+
+    installed = Path(install("nnsight-test", prefix=str(tmp_path), display_name="nnsight test"))
+    spec = json.loads((installed / "kernel.json").read_text())
+    assert spec["argv"][:3] == [sys.executable, "-m", "ipykernel_launcher"] and PRELOAD in spec["argv"]
+    assert spec["display_name"] == "nnsight test"
+    repository = Path(__file__).resolve().parents[1] / "kernel"
+    for logo in LOGOS:
+        assert (installed / logo).read_bytes() == (repository / logo).read_bytes()

@@ -80,7 +80,7 @@ class _RowParser(HTMLParser):
         elif tag == "tr" and "data-node" in values:
             self.rows.append({"node": values["data-node"], "status": values["data-status"],
                               "kind": values["data-kind"]})
-        elif tag == "td" and self.rows and values.get("class") in ("shape", "dtype", "name", "line", "value"):
+        elif tag == "td" and self.rows and values.get("class") in ("shape", "dtype", "name", "expression", "line", "value"):
             self._cell = values["class"]
             self.rows[-1].setdefault(self._cell, "")
 
@@ -93,6 +93,23 @@ class _RowParser(HTMLParser):
     def handle_data(self, data: str) -> None:
         if self._cell is not None and not self._in_picture:
             self.rows[-1][self._cell] += data
+
+
+class Displays(list):
+    """Stands in for IPython's ``display``: what was shown (this list) and each ``update`` of a display handle."""
+
+    def __init__(self, shown: list) -> None:
+        super().__init__(shown)
+        self.updates: list[tuple[Any, dict]] = []
+
+    def __call__(self, shown: Any, display_id: Any = None, **options: Any) -> Any:
+        self.append(shown)
+        updates = self.updates
+
+        class Handle:
+            def update(self, bundle: dict, raw: bool = False) -> None:
+                updates.append((shown, bundle))
+        return Handle() if display_id else None
 
 
 def parse_rows(table_html: str) -> list[dict[str, str]]:
@@ -154,13 +171,13 @@ def test_rows_with_shapes_reach_the_front_end_before_the_model_runs(recorder, ne
     finally:
         handle.remove()
     assert len(seen_by_the_model) == 1
-    rows = [(row["node"], row["name"], row["shape"], row["dtype"], row["status"], row["kind"])
+    rows = [(row["node"], row["expression"], row["shape"], row["dtype"], row["status"], row["kind"])
             for row in seen_by_the_model[0]]
-    assert rows == [
+    assert rows == [  # each node in the words of the cell: the nodes it reads by their expressions, not numbers
         ("0", "layer1.output", "(3, 10)", "float32", "pending", "module"),
         ("1", "layer2.output", "(3, 2)", "float32", "pending", "module"),
-        ("2", "%1[:, 0] = 0", "(3, 2)", "float32", "pending", "edit"),
-        ("3", "%0.sum()", "()", "float32", "pending", "compute"),
+        ("2", "layer2.output[:, 0] = 0", "(3, 2)", "float32", "pending", "edit"),
+        ("3", "layer1.output.sum()", "()", "float32", "pending", "compute"),
         ("4", "model.output", "(3, 2)", "float32", "pending", "module"),
     ]
     line = int(seen_by_the_model[0][0]["line"])
@@ -244,8 +261,9 @@ def test_generation_shows_its_step_on_a_progress_bar(recorder):
     finally:
         handle.remove()
     inspector = box[0]
-    assert [row.name for row in inspector.rows] == ["list()", "generation step", "layer1.output", "%2.sum()",
-                                                    "%0.append(%3)"]
+    assert [row.name for row in inspector.rows] == ["sums", "", "", "", ""]   # what the cell's lines bound
+    assert [row.expression for row in inspector.rows] == ["list()", "generation step", "layer1.output",
+                                                          "layer1.output.sum()", "sums.append(layer1.output.sum())"]
     assert [row.flags for row in inspector.rows] == [""] + ["steps [:]"] * 4
     assert [entry[0] for entry in at_step] == [1, 2, 3, 4]
     assert [entry[1] for entry in at_step] == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
@@ -269,10 +287,11 @@ def test_a_language_model_generation_is_followed_step_by_step(recorder):
             tokens.append(lm.lm_head.output[0, -1].argmax())
         generated = tracer.result.save()
     assert inspector.steps_total == 3 and inspector.step == 2
-    assert [(row.name, row.shape, row.runs) for row in inspector.rows] == [
-        ("list()", "[() int64]", 1), ("generation step", "", 3), ("lm_head.output", "(1, 1, 50257)", 3),
-        ("%2[0, -1]", "(50257,)", 3), ("%3.argmax()", "()", 3), ("%0.append(%4)", "[() int64]", 3),
-        ("result", "(1, 6)", 1)]
+    assert [(row.name, row.expression, row.shape, row.runs) for row in inspector.rows] == [
+        ("tokens", "list()", "[() int64]", 1), ("", "generation step", "", 3),
+        ("", "lm_head.output", "(1, 1, 50257)", 3), ("", "lm_head.output[0, -1]", "(50257,)", 3),
+        ("", "lm_head.output[0, -1].argmax()", "()", 3),
+        ("", "tokens.append(lm_head.output[0, -1].argmax())", "[() int64]", 3), ("generated", "result", "(1, 6)", 1)]
     assert [int(token) for token in tokens.value] == generated.value[0, 3:].tolist()
     assert inspector.rows[-1].summary.maximum == generated.value.max().item()
     assert 'data-step="3" data-total="3"' in recorder.last(inspector.live, "value")
@@ -303,8 +322,9 @@ def test_a_scan_shows_shapes_without_statuses(recorder, net, x):
         inspector = GraphInspector(tracer)
         net.layer2.output[0].save()
     assert inspector.state == "scanned"
-    assert [(row["name"], row["shape"], row["status"]) for row in parse_rows(recorder.last(inspector.live, "value"))] \
-        == [("layer2.output", "(3, 2)", ""), ("%0[0]", "(2,)", "")]
+    assert [(row["expression"], row["shape"], row["status"])
+            for row in parse_rows(recorder.last(inspector.live, "value"))] \
+        == [("layer2.output", "(3, 2)", ""), ("layer2.output[0]", "(2,)", "")]
 
 
 def test_a_graph_is_shown_as_it_is(recorder, net, x):
@@ -312,27 +332,29 @@ def test_a_graph_is_shown_as_it_is(recorder, net, x):
         net.layer1.output.save()
     inspector = GraphInspector(tracer.graph)
     assert inspector.state == "static"
-    assert [(row.name, row.shape, row.dtype, row.status) for row in inspector.rows] == [("layer1.output", "", "", "")]
+    assert [(row.expression, row.shape, row.dtype, row.status) for row in inspector.rows] == \
+        [("layer1.output", "", "", "")]
     bundle = inspector._repr_mimebundle_()
     assert bundle["text/plain"] == inspector.text() == str(inspector)
     assert repr(inspector) == "<GraphInspector static: 1 node>"
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == inspector.model_id
-    assert inspector.text().splitlines()[2].split() == ["%0", str(inspector.rows[0].line), "layer1.output", "-", "-",
-                                                        "-"]
+    assert inspector.text().splitlines()[2].split() == [str(inspector.rows[0].line), "layer1.output", "-", "-", "-"]
+    assert "<table" in bundle["text/html"] and "layer1.output" in bundle["text/html"]   # shown without a kernel
 
 
 def test_without_a_front_end_a_text_summary_is_printed(net, x, capsys):
     inspector, hidden, _ = trace_five_nodes(net, x)
     printed = capsys.readouterr().out
-    built, finished = printed.split("\n", 7)[:7], printed.splitlines()[7:]
+    built, memory, finished = printed.splitlines()[:7], printed.splitlines()[7], printed.splitlines()[8:]
+    assert memory == "memory: saves 144 B · largest value 120 B (hidden)"   # (3, 10) + (3, 2) float32, from shapes
     assert built[0] == "Sequential · cpu · 1 input (3 rows) · 0/5 nodes ran — running"
-    assert built[1].split() == ["%", "line", "node", "shape", "dtype", "status"]
-    assert [line.split()[2] for line in built[2:7]] == ["layer1.output", "layer2.output", "%1[:,", "%0.sum()",
-                                                         "model.output"]
+    assert built[1].split() == ["line", "name", "expression", "shape", "dtype", "status"]
+    assert [line.split()[1] for line in built[2:7]] == ["hidden", "layer2.output", "layer2.output[:,",
+                                                         "hidden.sum()", "out"]
     assert finished[0].startswith("Sequential · cpu · 1 input (3 rows) · 5/5 nodes ran · ")
     assert finished[0].endswith(" s — done")
     summary = inspector.rows[0].summary
-    assert finished[1] == f"  %0 layer1.output: {summary.describe()}  {summary.sparkline()}"
+    assert finished[1] == f"  line {inspector.rows[0].line} hidden: {summary.describe()}  {summary.sparkline()}"
     assert len(finished) == 3
 
 
@@ -341,7 +363,7 @@ def test_in_a_notebook_it_displays_itself_once_when_the_graph_is_built(recorder,
     calls = []
     handle = tiny.register_forward_pre_hook(when_really_called(lambda: calls.append(len(shown))))
     monkeypatch.setattr(inspector_module, "in_notebook", lambda: True)
-    monkeypatch.setattr(inspector_module, "display", lambda widget: shown.append((widget, len(calls))))
+    monkeypatch.setattr(inspector_module, "display", lambda widget, **options: shown.append((widget, len(calls))))
     try:
         inspector, _, _ = trace_five_nodes(net, x)
     finally:
@@ -361,7 +383,7 @@ def test_a_session_trace_is_recorded_then_runs_with_the_session(recorder, net, x
             second_inspector = GraphInspector(second)
             net.layer1.output[:] = hidden * 2
             out = net.output.save()
-        assert second_inspector.rows[0].name.startswith("from trace 0: layer1.output")
+        assert second_inspector.rows[0].expression.startswith("from trace 0: layer1.output")
         assert second_inspector.rows[0].kind.name == "bridge"
     assert first_inspector.state == second_inspector.state == "done"
     assert first_inspector.rows[0].summary.maximum == hidden.value.max().item()
@@ -485,12 +507,12 @@ def test_the_graph_is_drawn_with_the_seed_styles(recorder, net, x):
     assert [group.get("data-kind") for group in groups] == kinds
     assert [group.get("data-saved") for group in groups] == ["0", "1", "0", "0", "0", "0", "0", "0", "0"]
     first_outline = groups[0].find(f"{namespace}rect")
-    assert first_outline.get("stroke") == MODULE.colour == "#008b00"
+    assert first_outline.get("stroke") == MODULE.colour == "var(--jp-success-color1, #388e3c)"   # the theme's
     saved_outline = groups[1].find(f"{namespace}rect")
     assert saved_outline.get("stroke") == SAVED_COLOUR
-    assert groups[1].find(f"{namespace}polygon").get("stroke") == "#0000ff"      # apply: a blue hexagon
-    assert groups[4].find(f"{namespace}polygon").get("stroke") == "#ff8c00"      # condition: an orange hexagon
-    assert groups[8].find(f"{namespace}polygon").get("stroke") == "#ff0000"      # stop: a red hexagon
+    assert groups[1].find(f"{namespace}polygon").get("stroke") == "var(--jp-brand-color1, #1976d2)"  # apply: blue
+    assert groups[4].find(f"{namespace}polygon").get("stroke") == "var(--jp-warn-color1, #f57c00)"      # condition: an orange hexagon
+    assert groups[8].find(f"{namespace}polygon").get("stroke") == "var(--jp-error-color1, #d32f2f)"      # stop: a red hexagon
     edges = [path for path in svg.iter(f"{namespace}path") if path.get("class") == "edge"]
     expected = [(dependency, node.index) for node in graph.nodes for dependency in node.dependencies]
     assert [(int(path.get("data-from")), int(path.get("data-to"))) for path in edges] == expected
@@ -603,13 +625,14 @@ TRACE_BODY = "%%trace net x\nh = net.layer1.output\nnet.layer2.output[:, 0] = 0\
 @pytest.fixture
 def notebook(ip, recorder, monkeypatch):
     """The magics' shell, widgets on, seen as a notebook front end: ``notebook.shown`` lists what was displayed."""
-    shown: list[Any] = []
+    shown = Displays([])
     monkeypatch.setattr(inspector_module, "in_notebook", lambda: True)
-    monkeypatch.setattr(inspector_module, "display", shown.append)
+    monkeypatch.setattr(inspector_module, "display", shown)
     monkeypatch.setattr("nnsight_magic.magics.magics.display", shown.append)
     ok(ip, "%config TraceMagics.widget = True")
     ip.user_ns.update(net=NNsight(make_tiny()), x=torch.rand(3, 5))
     ip.shown = shown
+    ip.updates = shown.updates if hasattr(shown, "updates") else None
     return ip
 
 
@@ -617,9 +640,11 @@ def test_trace_cells_show_the_inspector_by_default(notebook):
     ok(notebook, TRACE_BODY)
     [inspector] = notebook.shown
     assert isinstance(inspector, GraphInspector) and inspector.state == "done"
-    assert [(row.line, row.name, row.status) for row in inspector.rows] == [
-        (2, "layer1.output", "saved"), (3, "layer2.output", "freed"), (3, "%1[:, 0] = 0", "freed"),
-        (4, "model.output", "saved")]
+    assert [(row.line, row.name, row.expression, row.status) for row in inspector.rows] == [
+        (2, "h", "layer1.output", "saved"), (3, "", "layer2.output", "freed"),
+        (3, "", "layer2.output[:, 0] = 0", "freed"), (4, "out", "model.output", "saved")]
+    [(_, update)] = notebook.updates      # after the run the live widget gives way to its static rendering
+    assert update["text/html"] == inspector.static_html() and "application/vnd.jupyter.widget-view+json" not in update
     assert inspector.rows[0].source == "h = net.layer1.output"
     h = notebook.user_ns["h"]
     assert (inspector.rows[0].summary.minimum, inspector.rows[0].summary.maximum) == (h.min().item(), h.max().item())
@@ -635,10 +660,10 @@ def test_trace_cells_print_a_text_summary_without_a_front_end(ip, capsys):
     ok(ip, TRACE_BODY)
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "%%trace net x · Sequential · cpu · 1 input (3 rows) · 0/4 nodes ran — running"
-    assert [line.split()[:3] for line in printed[2:6]] == [["%0", "2", "layer1.output"], ["%1", "3", "layer2.output"],
-                                                           ["%2", "3", "%1[:,"], ["%3", "4", "model.output"]]
+    assert [line.split()[:3] for line in printed[2:6]] == [["2", "h", "layer1.output"], ["3", "layer2.output", "(3,"],
+                                                           ["3", "layer2.output[:,", "0]"], ["4", "out", "model.output"]]
     h = ip.user_ns["h"]
-    assert any(line.startswith(f"  %0 layer1.output: min {h.min().item():.3g}  mean {h.mean().item():.3g}")
+    assert any(line.startswith(f"  line 2 h: min {h.min().item():.3g}  mean {h.mean().item():.3g}")
                for line in printed[6:])
 
 

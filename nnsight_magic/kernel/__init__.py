@@ -3,7 +3,9 @@
 In [1]: !python -m nnsight_magic.kernel install --user          # or --sys-prefix, --prefix DIR; --name NAME
 In [2]: !jupyter kernelspec list                                 # ... nnsight  ~/.local/share/jupyter/kernels/nnsight
 
-The kernel is the ordinary IPython kernel (ipykernel) started with ``--IPKernelApp.extensions=['nnsight_magic']``;
+The kernel is the ordinary IPython kernel (ipykernel) started with ``--IPKernelApp.extensions=['nnsight_magic']``
+(the template ``kernel/kernel.json`` at the top of the repository, with the logos next to it, bundled into the
+wheel);
 nothing about the kernel protocol changes, so any notebook front end runs it. Its command line names this
 environment's Python, so the kernel sees the packages installed here. In any other Python kernel, a first cell
 ``%load_ext nnsight_magic`` does the same.
@@ -11,10 +13,15 @@ environment's Python, so the kernel sees the packages installed here. In any oth
 
 from __future__ import annotations
 
+import json
+import shutil
+import sys
 import tempfile
+from pathlib import Path
 
-from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
+
+from ..widgets.assets import asset, asset_path
 
 DEFAULT_NAME = "nnsight"
 PRELOAD = "--IPKernelApp.extensions=['nnsight_magic']"
@@ -30,10 +37,28 @@ def install(name: str = DEFAULT_NAME, user: bool = False, prefix: str | None = N
         prefix: install under ``PREFIX/share/jupyter/kernels`` (``sys.prefix`` for this environment).
         display_name: what front ends show; default ``Python 3 (nnsight_magic)``.
     """
-    overrides = {"display_name": display_name or "Python 3 (nnsight_magic)"}
     with tempfile.TemporaryDirectory() as scratch:
-        source = write_kernel_spec(f"{scratch}/{name}", overrides=overrides, extra_arguments=[PRELOAD])
-        return KernelSpecManager().install_kernel_spec(source, name, user=user, prefix=prefix)
+        source = Path(scratch) / name
+        source.mkdir()
+        (source / "kernel.json").write_text(json.dumps(kernel_json(display_name), indent=1))
+        for logo in LOGOS:
+            shutil.copy(asset_path("kernel", logo), source / logo)
+        return KernelSpecManager().install_kernel_spec(str(source), name, user=user, prefix=prefix)
 
 
-__all__ = ["DEFAULT_NAME", "PRELOAD", "install"]
+LOGOS = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
+
+
+def kernel_json(display_name: str | None = None) -> dict:
+    """The kernelspec of this environment: the template with this Python and the display name filled in.
+
+    In [1]: kernel_json()["argv"][:3]
+    Out[1]: ['/path/to/.venv/bin/python', '-m', 'ipykernel_launcher']
+    """
+    spec = json.loads(asset("kernel", "kernel.json"))
+    spec["argv"] = [sys.executable if part == "{python}" else part for part in spec["argv"]]
+    spec["display_name"] = display_name or "Python 3 (nnsight_magic)"
+    return spec
+
+
+__all__ = ["DEFAULT_NAME", "LOGOS", "PRELOAD", "install", "kernel_json"]

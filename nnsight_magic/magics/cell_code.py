@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import ast
 import io
+import sys
 import tokenize
+import types
 from dataclasses import dataclass
 from types import CodeType
 from typing import Any
@@ -69,22 +71,50 @@ def _at_cell_line(error: SyntaxError, filename: str, source: str, shift: int) ->
     return type(error)(error.msg, (filename, line, error.offset, text, end_line, error.end_offset))
 
 
-def trim_to_user_code(error: BaseException, filename: str) -> None:
-    """End the traceback of an error that already names the user's line at the cell's innermost frame.
+def trim_to_user_code(error: BaseException, filename: str, shell: Any = None) -> None:
+    """Show an error with the cell's own frames only; ``%tb`` (and ``%debug``) still get the whole traceback.
 
-    The frames below it are the engine's (how a shape or run error was found), which the message already
-    summarises; for errors raised while the model ran, only the magic's own frame remains. Errors the engine did
-    not annotate (a bug, an interrupt) keep their whole traceback.
+    The traceback keeps the magic's frame (hidden by ``__tracebackhide__``), every frame of the cell, and, for an
+    error the engine did not annotate with the user's line, the frame that raised it (a bug in a function the
+    cell called, a model that failed); the frames in between (the engine, ``torch.nn``, ``transformers``) are
+    dropped. An interrupt gets a note saying what it left: nothing the cell assigns was bound. With ``shell``,
+    the whole traceback becomes ``sys.last_traceback`` once the cell's error was shown, so ``%tb`` prints it.
     """
-    if not is_annotated(error) or error.__traceback__ is None:
+    full = error.__traceback__
+    if full is None:
         return
-    keep = error.__traceback__
-    entry = keep.tb_next
+    entries = []
+    entry = full
     while entry is not None:
-        if entry.tb_frame.f_code.co_filename == filename:
-            keep = entry
+        entries.append(entry)
         entry = entry.tb_next
-    keep.tb_next = None
+    kept = [entries[0]] + [each for each in entries[1:] if each.tb_frame.f_code.co_filename == filename]
+    interrupted = isinstance(error, KeyboardInterrupt)
+    if not is_annotated(error) and not interrupted and entries[-1] is not kept[-1]:
+        kept.append(entries[-1])
+    if interrupted:
+        error.add_note("interrupted: nothing this cell assigns was bound; names keep the values they had before "
+                       "the cell (the inspector shows what ran and what was saved)")
+    if len(kept) == len(entries):
+        return
+    chain = None
+    for each in reversed(kept):
+        chain = types.TracebackType(chain, each.tb_frame, each.tb_lasti, each.tb_lineno)
+    error.__traceback__ = chain
+    if not is_annotated(error) or interrupted:
+        error.add_note(f"({len(entries) - len(kept)} frames of the engine and the model are hidden: %tb shows them)")
+    if shell is not None:
+        _restore_full_traceback_after_display(shell, error, full)
+
+
+def _restore_full_traceback_after_display(shell: Any, error: BaseException, full: Any) -> None:
+    """After the cell, ``sys.last_traceback`` (what ``%tb`` and ``%debug`` read) is the whole traceback again."""
+    def restore(*_: Any) -> None:
+        shell.events.unregister("post_run_cell", restore)
+        if getattr(sys, "last_value", None) is error:
+            sys.last_traceback = full
+
+    shell.events.register("post_run_cell", restore)
 
 
 def current_cell_number(shell: Any) -> int:

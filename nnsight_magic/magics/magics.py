@@ -17,7 +17,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand, output_can_be_silenced
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
-from traitlets import Bool
+from traitlets import Bool, TraitError, Unicode, validate
 
 from ..intervention.session import Session
 from ..intervention.tracer import Tracer
@@ -35,6 +35,20 @@ class TraceMagics(Magics):
     widget = Bool(True, help="Show the graph inspector under every %%trace cell (off: --no-widget).").tag(config=True)
     autosave = Bool(True, help="Save every traced value a %%trace cell assigns at its top level and bind the "
                                "name to the real value after the run (off: --no-autosave).").tag(config=True)
+
+    memory_warning = Unicode("2GB", help="Warn in the inspector's header when a trace's saved values or its largest "
+                                         "value will hold more than this (from shapes, before the run): "
+                                         "'2GB', '512MiB'; '' for never.").tag(config=True)
+
+    @validate("memory_warning")
+    def _check_memory_warning(self, proposal: Any) -> str:
+        from ..widgets.forecast import parse_bytes
+        try:
+            if proposal["value"]:
+                parse_bytes(proposal["value"])
+        except ValueError as error:
+            raise TraitError(str(error)) from None
+        return proposal["value"]
 
     def __init__(self, shell: Any = None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
@@ -107,7 +121,7 @@ class TraceMagics(Magics):
         try:
             tracer = self._tracer(model, inputs, args)
             if self.widget and not args.no_widget:
-                self._inspect(tracer, f"%%trace {line.strip()}")
+                self._inspect(tracer, f"%%trace {line.strip()}", self.memory_warning)
             namespace[args.tracer] = tracer
             with tracer:
                 with runtime.printing_into(tracer):
@@ -115,7 +129,7 @@ class TraceMagics(Magics):
                 bindings.save_traced(names + [RESULT_NAME], lambda proxy: proxy.tracer is tracer, containers=autosave)
         except BaseException as error:
             bindings.restore()
-            trim_to_user_code(error, code.filename)
+            trim_to_user_code(error, code.filename, self.shell)
             raise
         finally:
             if session is not None:
@@ -157,11 +171,12 @@ class TraceMagics(Magics):
         return model.trace(*inputs)
 
     @staticmethod
-    def _inspect(tracer: Tracer, title: str) -> None:
+    def _inspect(tracer: Tracer, title: str, memory_warning: str) -> None:
         """Show the graph inspector for ``tracer`` (it adds itself to ``tracer.observers``), headed by the cell's
-        first line."""
+        first line; it warns when the trace will hold more than ``memory_warning`` (``"2GB"``)."""
         from ..widgets import GraphInspector
-        GraphInspector(tracer, title=title)
+        from ..widgets.forecast import parse_bytes
+        GraphInspector(tracer, title=title, memory_warning=parse_bytes(memory_warning) if memory_warning else None)
 
     # ------------------------------------------------------------------------------------------- %%session
     @magic_arguments(name="%session")
@@ -211,7 +226,7 @@ class TraceMagics(Magics):
             if session.status == OPEN:
                 session.discard()
             bindings.restore()
-            trim_to_user_code(error, code.filename)
+            trim_to_user_code(error, code.filename, self.shell)
             raise
         bindings.bind()
         return namespace.pop(RESULT_NAME, None)
@@ -278,11 +293,12 @@ class TraceMagics(Magics):
         return magic.parser.parse_args(split_arguments(line))
 
     def _evaluate(self, expression: str, role: str) -> Any:
+        __tracebackhide__ = True
         try:
             return eval(expression, self.shell.user_ns)
         except Exception as error:
             error.add_note(f"while evaluating the %%trace {role} `{expression}`")
-            raise
+            raise error.with_traceback(None) from None  # the eval's own frame has no source to show
 
     def close(self) -> None:
         """Drop an open session (the extension is being unloaded)."""

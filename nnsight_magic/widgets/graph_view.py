@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import ipywidgets
 
 from ..tracing.graph import Graph
+from . import theme
 from .kinds import KINDS, SAVED_COLOUR, Kind, node_kind
+from .labels import node_labels
 from .table import node_shape
 
 NODE_WIDTH, NODE_HEIGHT = 200, 34
@@ -73,9 +75,11 @@ def layout(graph: Graph) -> tuple[list[PlacedNode], list[tuple[int, int, bool]]]
         for position, index in enumerate(members):
             row[index] = position
     placed = []
+    labels = node_labels(graph)
     for node in nodes:
         shape, dtype = node_shape(graph, node)
-        label = f"%{node.index} {node.describe()}"
+        name = labels.names[node.index]
+        label = f"{name} = {labels.expressions[node.index]}" if name else labels.expressions[node.index]
         detail = f"{shape} {dtype}".strip()
         where = f"line {node.lineno}: {node.source_line}" if node.lineno else ""
         tooltip = "\n".join(part for part in (label, where, detail) if part)
@@ -90,15 +94,15 @@ def graph_svg(graph: Graph) -> str:
     """The drawing of ``graph`` as one ``<svg>`` element (a legend of the kinds it uses on top)."""
     placed, edges = layout(graph)
     if not placed:
-        return '<svg class="nnsight-graph" width="120" height="24"><text x="4" y="16">empty graph</text></svg>'
+        return '<svg class="nnsight-graph" width="120" height="24"><text x="4" y="16" fill="var(--jp-content-font-color1, #212121)">empty graph</text></svg>'
     legend, legend_width = _legend(placed)
     width = MARGIN * 2 + (max(node.column for node in placed) + 1) * (NODE_WIDTH + COLUMN_GAP) - COLUMN_GAP
     width = max(width, legend_width)
     height = MARGIN * 2 + LEGEND_HEIGHT + (max(node.row for node in placed) + 1) * (NODE_HEIGHT + ROW_GAP) - ROW_GAP
     parts = [f'<svg class="nnsight-graph" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="monospace" font-size="11">',
-             '<defs><marker id="nnsight-arrow" viewBox="0 0 8 8" refX="8" refY="4" markerWidth="7" markerHeight="7" '
-             'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#888"/></marker></defs>']
+             f'<defs><marker id="nnsight-arrow" viewBox="0 0 8 8" refX="8" refY="4" markerWidth="7" markerHeight="7" '
+             'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="{theme.TEXT_MUTED}"/></marker></defs>']
     parts.append(legend)
     for source, target, is_data in edges:
         parts.append(_edge(placed[source], placed[target], is_data))
@@ -138,10 +142,10 @@ def _node(node: PlacedNode) -> str:
         inset = 10
         points = (f"{x + inset},{y} {x + NODE_WIDTH - inset},{y} {x + NODE_WIDTH},{y + NODE_HEIGHT / 2} "
                   f"{x + NODE_WIDTH - inset},{y + NODE_HEIGHT} {x + inset},{y + NODE_HEIGHT} {x},{y + NODE_HEIGHT / 2}")
-        outline = f'<polygon points="{points}" fill="#fff" stroke="{colour}" stroke-width="1.6"/>'
+        outline = f'<polygon points="{points}" fill="{theme.BACKGROUND}" stroke="{colour}" stroke-width="1.6"/>'
     else:
         radius = NODE_HEIGHT / 2 if node.kind.shape == "ellipse" else 3
-        outline = (f'<rect x="{x}" y="{y}" width="{NODE_WIDTH}" height="{NODE_HEIGHT}" rx="{radius}" fill="#fff" '
+        outline = (f'<rect x="{x}" y="{y}" width="{NODE_WIDTH}" height="{NODE_HEIGHT}" rx="{radius}" fill="{theme.BACKGROUND}" '
                    f'stroke="{colour}" stroke-width="1.6"/>')
     saved = ""
     if node.saved:
@@ -151,7 +155,7 @@ def _node(node: PlacedNode) -> str:
             f'<title>{html.escape(node.tooltip)}</title>{saved}{outline}'
             f'<text x="{x + NODE_WIDTH / 2}" y="{y + 14}" text-anchor="middle" fill="{colour}">'
             f'{html.escape(node.label)}</text>'
-            f'<text x="{x + NODE_WIDTH / 2}" y="{y + 27}" text-anchor="middle" fill="#777" font-size="10">'
+            f'<text x="{x + NODE_WIDTH / 2}" y="{y + 27}" text-anchor="middle" fill="{theme.TEXT_MUTED}" font-size="10">'
             f'{html.escape(node.detail)}</text></g>')
 
 
@@ -160,7 +164,7 @@ def _edge(source: PlacedNode, target: PlacedNode, is_data: bool) -> str:
     x2, y2 = target.x, target.y + NODE_HEIGHT / 2
     bend = max(20.0, (x2 - x1) / 2)
     dash = "" if is_data else ' stroke-dasharray="4 3"'
-    colour = "#888" if is_data else "#bbb"
+    colour = theme.TEXT_MUTED if is_data else theme.BORDER
     return (f'<path class="edge" data-from="{source.index}" data-to="{target.index}" '
             f'd="M{x1},{y1} C{x1 + bend},{y1} {x2 - bend},{y2} {x2},{y2}" fill="none" stroke="{colour}" '
             f'stroke-width="1.2"{dash} marker-end="url(#nnsight-arrow)"/>')
@@ -174,13 +178,13 @@ def _legend(placed: list[PlacedNode]) -> tuple[str, int]:
         if kind not in used:
             continue
         parts.append(f'<rect x="{x}" y="{MARGIN}" width="10" height="10" rx="2" fill="{kind.colour}"/>'
-                     f'<text x="{x + 14}" y="{MARGIN + 9}" fill="#444"><title>{html.escape(kind.meaning)}</title>'
+                     f'<text x="{x + 14}" y="{MARGIN + 9}" fill="{theme.TEXT_SECONDARY}"><title>{html.escape(kind.meaning)}</title>'
                      f'{kind.name}</text>')
         x += 24 + 7 * len(kind.name)
     if any(node.saved for node in placed):
         parts.append(f'<rect x="{x}" y="{MARGIN}" width="10" height="10" rx="2" fill="none" '
                      f'stroke="{SAVED_COLOUR}" stroke-width="1.6"/><text x="{x + 14}" y="{MARGIN + 9}" '
-                     f'fill="#444">saved</text>')
+                     f'fill="{theme.TEXT_SECONDARY}">saved</text>')
         x += 24 + 7 * len("saved")
     return f'<g class="legend">{"".join(parts)}</g>', x + MARGIN
 

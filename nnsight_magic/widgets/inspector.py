@@ -27,7 +27,9 @@ import html
 import time
 from typing import Any
 
+import anywidget
 import ipywidgets
+import traitlets
 from ipywidgets.widgets.widget_string import HTMLStyle
 from IPython import get_ipython
 from IPython.display import display
@@ -37,14 +39,18 @@ from ..tracing.execution import DONE, FREED, PENDING, SKIPPED, STATUS_NAMES, Exe
 from ..tracing.graph import Graph, StepSet
 from .graph_view import GraphView
 from .summaries import summarize
-from .table import STYLE, NodeTable, Row, rows_of
+from . import theme
+from .assets import asset
+from .forecast import MemoryForecast, memory_forecast
+from .table import CSS, FILTER_SCRIPT, STYLE, NodeTable, Row, table_of
 from .throttle import Throttle
 
 _STATE_TEXT = {
     "building": "building the graph", "running": "running", "done": "done", "failed": "failed",
-    "recorded": "recorded: runs when the session runs", "scanned": "scanned: shapes only, the model did not run",
-    "static": "",
+    "interrupted": "interrupted", "recorded": "recorded: runs when the session runs",
+    "scanned": "scanned: shapes only, the model did not run", "static": "",
 }
+GENERATED_TOKENS_SHOWN = 400  # the generated text shows at most this many of the last tokens
 
 
 _SHARED: dict[str, ipywidgets.Widget] = {}
@@ -68,6 +74,42 @@ def in_notebook() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
+class LiveTable(anywidget.AnyWidget):
+    """The part of the inspector that changes while the model runs: header, progress and table (``value``, HTML).
+
+    Its front end (``widgets/inspector.js``) adds a filter box and keeps opened groups and the scroll position
+    across updates.
+    """
+
+    _esm = asset("widgets", "inspector.js")
+    _css = CSS
+    value = traitlets.Unicode("").tag(sync=True)
+
+
+class TokenStream:
+    """A Hugging Face streamer (``generate(streamer=...)``) that keeps the first row's token ids as they come.
+
+    ``generate`` calls ``put`` with the prompt, then once per step with the new tokens; the inspector shows the
+    tokens so far (decoded when it renders, a few times a second) even when the cell reads only ``tracer.result``.
+    """
+
+    def __init__(self, on_token: Any):
+        self.prompt: list[int] = []
+        self.generated: list[int] = []
+        self._on_token = on_token
+
+    def put(self, value: Any) -> None:
+        ids = value.reshape(value.shape[0], -1)[0].tolist() if value.dim() else [int(value)]
+        if not self.prompt and not self.generated:
+            self.prompt = ids
+            return
+        self.generated.extend(ids)
+        self._on_token()
+
+    def end(self) -> None:
+        pass
+
+
 class GraphInspector(ipywidgets.VBox):
     """One row per node of a trace: shape first, then live status, then a summary (see the module docstring).
 
@@ -87,12 +129,13 @@ class GraphInspector(ipywidgets.VBox):
         error: ``Type: message`` of the error that ended the run, if it failed.
         live: the widget with the header, the progress bar and the table: the part that changes while the model
             runs (one message per update).
-        graph_view: the dependency graph, folded under the table (sent once).
+        graph_view: the dependency graph, folded under the table (drawn and sent once, when the run ends).
     """
 
-    def __init__(self, source: Tracer | Graph, *, title: str = "", update_interval: float = 0.1):
+    def __init__(self, source: Tracer | Graph, *, title: str = "", update_interval: float = 0.25,
+                 memory_warning: int | None = None):
         look = shared_look()
-        self.live = ipywidgets.HTML(**look)
+        self.live = LiveTable(layout=look["layout"])
         self.graph_view = GraphView(folded=True, **look)
         super().__init__(children=(self.live, self.graph_view), layout=look["layout"])
         self.add_class("nnsight-inspector")
@@ -104,8 +147,14 @@ class GraphInspector(ipywidgets.VBox):
         self.details = ""
         self.elapsed: float | None = None
         self.table = NodeTable([])
+        self.tokens: TokenStream | None = None
+        self.memory_warning = memory_warning
+        self.forecast: MemoryForecast | None = None
+        self._decode: Any = None
         self._sections: list[tuple[StepSet, list[int]]] = []
         self._started = 0.0
+        self._handle: Any = None
+        self._graph: Graph | None = None
         self._throttle = Throttle(self._render, update_interval)
         if isinstance(source, Tracer) and source.status == BUILDING:
             source.observers.append(self)
@@ -123,13 +172,20 @@ class GraphInspector(ipywidgets.VBox):
         state = "scanned" if tracer.scan_only else "recorded" if tracer.session is not None else "running"
         self._load(tracer.graph, state)
         self.details = describe_run(tracer)
+        tokenizer = getattr(tracer.model, "tokenizer", None)
+        self._decode = getattr(tokenizer, "decode", None)
         options = tracer.run_options
         if options.get("generate") and options.get("max_new_tokens"):
             self.steps_total = int(options["max_new_tokens"])
+        if options.get("generate") and self._decode is not None and "streamer" not in options:
+            self.tokens = TokenStream(self._throttle.request)
+            options["streamer"] = self.tokens
         self._started = time.perf_counter()
         self._throttle.flush()
         if in_notebook():
-            display(self)
+            self._handle = display(self, display_id=True)
+            if tracer.scan_only and self._handle is not None:  # a scan ends here: nothing more will change
+                self._handle.update(self.static_bundle(), raw=True)
         else:
             print(self.text())
 
@@ -158,46 +214,79 @@ class GraphInspector(ipywidgets.VBox):
         self._throttle.request()
 
     def run_finished(self, tracer: Tracer, execution: Execution, error: BaseException | None) -> None:
-        """The run ended: final statuses, a summary of every saved value, and the error if it failed."""
+        """The run ended: final statuses, a summary of every saved value, and what happened if it did not finish.
+
+        A row that ran in an earlier generation step keeps its last status (``saved``, ``done``) when the run
+        stops before its next step; only rows that never ran read ``not run``. In a notebook the live widget is
+        then replaced by its static rendering (:meth:`static_html`), which a saved notebook, nbconvert HTML and
+        GitHub show without a kernel.
+        """
+        if self.tokens is not None and tracer.run_options.get("streamer") is self.tokens:
+            del tracer.run_options["streamer"]
         rows = self.table.rows
         for row in rows:
             state = execution.state[row.index]
             if state == DONE:
                 row.status = "saved" if row.saved else "done"
                 if row.saved:
-                    row.summary = summarize(execution.values[row.index])
+                    row.summary = summarize(execution.values[row.index], self._decode)
                     if not row.shape and row.summary.shape is not None:  # no shapes while building (validate=False)
                         row.shape, row.dtype = str(row.summary.shape), row.summary.dtype
             elif state == PENDING:
-                row.status = "not run"
+                row.status = ("saved" if row.saved else "done") if row.runs else "not run"
             elif state in (FREED, SKIPPED):
                 row.status = STATUS_NAMES[state]
         if error is not None:
-            self.state = "failed"
-            self.error = f"{type(error).__name__}: {error}"
+            self.state = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            self.error = describe_failure(error, rows)
             if execution.failed_at is not None:
                 rows[execution.failed_at].status = "error"
-                rows[execution.failed_at].error = str(error)
+                rows[execution.failed_at].error = str(error) or type(error).__name__
         else:
             self.state = "done"
+        if self._graph is not None:
+            self.graph_view.show(self._graph)
+            self._graph = None  # the inspector keeps no graph alive after the run
         self.elapsed = time.perf_counter() - self._started
         self._throttle.flush()
-        if not in_notebook():
+        if self._handle is not None:
+            self._handle.update(self.static_bundle(), raw=True)
+        elif not in_notebook():
             print(self.result_text())
 
-    # ------------------------------------------------------------------------------------ text
+    # ------------------------------------------------------------------------------- static forms
     def text(self) -> str:
-        """The header and the table as plain text (what a terminal shows)."""
-        return f"{self._header_text()}\n{self.table.text()}"
+        """The header, the table and the memory forecast as plain text (what a terminal shows)."""
+        return "\n".join([self._header_text(), self.table.text()] + self._memory_lines())
+
+    def _memory_lines(self) -> list[str]:
+        if self.forecast is None or not self.forecast.largest:
+            return []
+        warning = self.forecast.warning(self.memory_warning)
+        return [f"memory: {self.forecast.describe()}"] + ([warning] if warning else [])
 
     def result_text(self) -> str:
         """The header and one line per saved value's summary (printed at the end of a run outside notebooks)."""
         return "\n".join([self._header_text()] + self.table.summary_lines())
 
+    def static_html(self) -> str:
+        """The whole inspector as one self-contained HTML fragment: no widget, no kernel needed.
+
+        Groups still fold (CSS), the filter box filters where the page allows scripts, the graph opens.
+        """
+        filter_box = (f'<input class="nnsight-filter" placeholder="filter rows (name, expression, status)" '
+                      f'oninput="{FILTER_SCRIPT}">')
+        return (f'<div class="nnsight-inspector nnsight-inspector-static">{STYLE}{self._live_html(filter_box)}'
+                f'{self.graph_view.value}</div>')
+
+    def static_bundle(self) -> dict[str, str]:
+        """``text/html`` and ``text/plain``: what a notebook keeps when no widget can be shown."""
+        return {"text/html": self.static_html(), "text/plain": self.text()}
+
     def _repr_mimebundle_(self, **kwargs: Any) -> dict | None:
         bundle = super()._repr_mimebundle_(**kwargs)
         if bundle is not None:
-            bundle["text/plain"] = self.text()
+            bundle.update(self.static_bundle())
         return bundle
 
     def __repr__(self) -> str:
@@ -210,9 +299,13 @@ class GraphInspector(ipywidgets.VBox):
     # ------------------------------------------------------------------------------- internals
     def _load(self, graph: Graph, state: str) -> None:
         self.state = state
-        self.table = NodeTable(rows_of(graph, status="pending" if state in ("running", "recorded") else ""))
+        self.table = table_of(graph, status="pending" if state in ("running", "recorded") else "")
         self._sections = [(section.steps, list(section.nodes)) for section in graph.sections]
-        self.graph_view.show(graph)
+        self.forecast = memory_forecast(graph, [row.name or row.expression for row in self.table.rows])
+        if state in ("running", "recorded"):
+            self._graph = graph  # drawn when the run ends (one message then, none while the model runs)
+        else:
+            self.graph_view.show(graph)
 
     def _begin_run(self) -> None:
         """A recorded trace starts running (its session runs)."""
@@ -221,14 +314,25 @@ class GraphInspector(ipywidgets.VBox):
 
     def _render(self) -> None:
         """Send the header, the progress bar and the table to the front end (the throttle calls this)."""
-        self.live.value = f"{STYLE}{self._header_html()}{self._progress_html()}{self.table.html()}"
+        self.live.value = self._live_html()
+
+    def _live_html(self, filter_box: str = "") -> str:
+        return f"{self._header_html()}{self._progress_html()}{self._generated_html()}{self.table.html(filter_box)}"
+
+    def generated_text(self) -> str:
+        """The tokens generated so far, decoded (``""`` when not generating or nothing came yet)."""
+        if self.tokens is None or not self.tokens.generated or self._decode is None:
+            return ""
+        return self._decode(self.tokens.generated[-GENERATED_TOKENS_SHOWN:])
 
     def _progress_text(self) -> str:
         rows = self.table.rows
-        if self.state in ("running", "done", "failed"):
+        if self.state in ("running", "done", "failed", "interrupted"):
             text = f"{sum(1 for row in rows if row.runs)}/{len(rows)} nodes ran"
         else:
             text = f"{len(rows)} node{'s' if len(rows) != 1 else ''}"
+        if self.tokens is not None and self.tokens.generated:
+            text += f" · {len(self.tokens.generated)} token{'s' if len(self.tokens.generated) != 1 else ''}"
         if self.step is not None and (self.steps_total or self.step > 0):
             text += f" · step {self.step + 1}{'/' + str(self.steps_total) if self.steps_total else ''}"
         if self.elapsed is not None:
@@ -239,6 +343,9 @@ class GraphInspector(ipywidgets.VBox):
         parts = [part for part in (self.title, self.details, self._progress_text()) if part]
         state = _STATE_TEXT[self.state]
         text = " · ".join(parts) + (f" — {state}" if state else "")
+        generated = self.generated_text()
+        if generated:
+            text += f"\ngenerated: {generated!r}"
         return text + (f"\n{self.error}" if self.error else "")
 
     def _header_html(self) -> str:
@@ -246,12 +353,26 @@ class GraphInspector(ipywidgets.VBox):
         parts = [f"<b>{escape(self.title)}</b>" if self.title else "", escape(self.details),
                  escape(self._progress_text())]
         state = _STATE_TEXT[self.state]
-        colour = {"running": "#1565c0", "done": "#2e7d32", "failed": "#c62828"}.get(self.state, "#555")
-        badge = f' — <span class="state" style="color:{colour}">{escape(state)}</span>' if state else ""
+        badge = (f' — <span class="state" style="color:{theme.state_colour(self.state)}">{escape(state)}</span>'
+                 if state else "")
         failure = f'<div class="failure">{escape(self.error)}</div>' if self.error else ""
+        memory = ""
+        if self.forecast is not None and self.forecast.largest:
+            warning = self.forecast.warning(self.memory_warning)
+            memory = (f'<div class="memory muted" data-saved="{self.forecast.saved}" '
+                      f'data-largest="{self.forecast.largest}">memory: {escape(self.forecast.describe())}</div>'
+                      + (f'<div class="warning">{escape(warning)}</div>' if warning else ""))
         step = "" if self.step is None else self.step
         return (f'<div class="header" data-state="{self.state}" data-step="{step}">'
-                f'{" · ".join(part for part in parts if part)}{badge}</div>{failure}')
+                f'{" · ".join(part for part in parts if part)}{badge}</div>{memory}{failure}')
+
+    def _generated_html(self) -> str:
+        text = self.generated_text()
+        if not text:
+            return ""
+        prompt = self._decode(self.tokens.prompt[-GENERATED_TOKENS_SHOWN:]) if self.tokens.prompt else ""
+        return (f'<div class="generated" data-tokens="{len(self.tokens.generated)}"><span class="muted">'
+                f'{html.escape(prompt)}</span><b>{html.escape(text)}</b></div>')
 
     def _progress_html(self) -> str:
         """A bar of the generation's steps (only when the number of steps is known)."""
@@ -261,6 +382,22 @@ class GraphInspector(ipywidgets.VBox):
         return (f'<div class="progress" data-step="{done}" data-total="{self.steps_total}"><div class="track">'
                 f'<div class="bar" style="width:{100 * done / self.steps_total:.1f}%"></div></div>'
                 f'step {done}/{self.steps_total}</div>')
+
+
+def describe_failure(error: BaseException, rows: list[Row]) -> str:
+    """What the header says when a run did not finish: the error, and what was kept and what did not run.
+
+    In [1]: describe_failure(KeyboardInterrupt(), rows)
+    Out[1]: 'interrupted (KeyboardInterrupt) during the run: 39 saved values kept from the steps that ran; 2 nodes did not run'
+    """
+    saved = sum(1 for row in rows if row.status == "saved")
+    not_run = sum(1 for row in rows if row.status == "not run")
+    kept = f"{saved} saved value{'s' if saved != 1 else ''} kept from what ran" if saved else "no value was saved"
+    missing = f"; {not_run} node{'s' if not_run != 1 else ''} did not run" if not_run else ""
+    if isinstance(error, KeyboardInterrupt):
+        return f"interrupted (KeyboardInterrupt) during the run: {kept}{missing}"
+    message = str(error).strip()
+    return f"{type(error).__name__}{': ' + message if message else ''}\n{kept}{missing}"
 
 
 def describe_run(tracer: Tracer) -> str:

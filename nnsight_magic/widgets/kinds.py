@@ -3,11 +3,12 @@
 The styles follow the seed's ``Node.visualize`` (nnsight 0.3/0.4, each protocol's ``style()``): a module's value
 is a green box, a change of it a green ellipse, a submodule called inside the trace or an iteration block a blue
 hexagon, a condition an orange hexagon, ``stop`` a red hexagon, a saved value has a brown outline, and every other
-operation is a black ellipse.
+operation is an ellipse in the text colour. Colours are the theme's (:mod:`~nnsight_magic.widgets.theme`), so
+they read in light and dark themes.
 
 In [1]: kind = node_kind(tracer.graph, tracer.graph.nodes[0])
-In [2]: kind.name, kind.colour, kind.shape
-Out[2]: ('module', '#008b00', 'box')
+In [2]: kind.name, kind.shape
+Out[2]: ('module', 'box')
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 
 from ..tracing.graph import Graph
 from ..tracing.node import Node
+from . import theme
 
-SAVED_COLOUR = "#a52a2a"  # the seed's LockProtocol (``.save()``): brown
+SAVED_COLOUR = theme.SAVED  # the seed's LockProtocol (``.save()``): brown
 
 
 @dataclass(frozen=True)
@@ -30,16 +32,16 @@ class Kind:
     meaning: str
 
 
-MODULE = Kind("module", "#008b00", "box", "a value the model produces (a module's input or output, its result)")
-GRAD = Kind("grad", "#008b00", "box", "a gradient, set while .backward() runs")
-EDIT = Kind("edit", "#008b00", "ellipse", "a change of a value: an assignment or an in-place edit")
-APPLY = Kind("apply", "#0000ff", "hexagon", "a submodule called on a traced value")
-STEP = Kind("step", "#0000ff", "hexagon", "the generation step inside an iteration block")
-CONDITION = Kind("condition", "#ff8c00", "hexagon", "an `if` on a traced value, or the value it chose")
-STOP = Kind("stop", "#ff0000", "hexagon", "stop the model run here")
-BRIDGE = Kind("bridge", "#800080", "box", "a value from an earlier trace of the session")
-LOG = Kind("log", "#808080", "ellipse", "print at execution time")
-COMPUTE = Kind("compute", "#000000", "ellipse", "an operation on traced values")
+MODULE = Kind("module", theme.SUCCESS, "box", "a value the model produces (a module's input or output, its result)")
+GRAD = Kind("grad", theme.SUCCESS, "box", "a gradient, set while .backward() runs")
+EDIT = Kind("edit", theme.SUCCESS, "ellipse", "a change of a value: an assignment or an in-place edit")
+APPLY = Kind("apply", theme.ACCENT, "hexagon", "a submodule called on a traced value")
+STEP = Kind("step", theme.ACCENT, "hexagon", "the generation step inside an iteration block")
+CONDITION = Kind("condition", theme.WARN, "hexagon", "an `if` on a traced value, or the value it chose")
+STOP = Kind("stop", theme.ERROR, "hexagon", "stop the model run here")
+BRIDGE = Kind("bridge", theme.PURPLE, "box", "a value from an earlier trace of the session")
+LOG = Kind("log", theme.TEXT_MUTED, "ellipse", "print at execution time")
+COMPUTE = Kind("compute", theme.TEXT, "ellipse", "an operation on traced values")
 
 KINDS = (MODULE, GRAD, EDIT, APPLY, STEP, CONDITION, STOP, BRIDGE, LOG, COMPUTE)
 

@@ -23,10 +23,11 @@ import ipywidgets
 
 from ..tracing.proxy import Proxy
 from .summaries import ValueSummary, summarize
-from .table import STATUS_COLOURS, STYLE, shape_and_dtype
+from . import theme
+from .table import STYLE, shape_and_dtype
 
 _NOT_COMPUTED = object()
-_CELL_COLOURS = {"recorded": "#555", "running": "#1565c0", "done": "#2e7d32", "failed": "#c62828"}
+_CELL_COLOURS = {"recorded": theme.TEXT_SECONDARY, "running": theme.ACCENT, "done": theme.SUCCESS, "failed": theme.ERROR}
 
 
 @dataclass
@@ -142,7 +143,7 @@ class SessionView(ipywidgets.HTML):
     def _render(self) -> None:
         """Send the header and one row per cell to the front end."""
         escape = html.escape
-        colour = _CELL_COLOURS.get(self.status, "#555")
+        colour = _CELL_COLOURS.get(self.status, theme.TEXT_SECONDARY)
         header = (f'<div class="header" data-state="{escape(self.status)}"><b>%session</b> · '
                   f'<span class="state" style="color:{colour}">{escape(self.status)}</span> · '
                   f'{escape(self._counts_text())}</div>')
@@ -150,15 +151,15 @@ class SessionView(ipywidgets.HTML):
         for row in self.cells:
             receives = "<br>".join(
                 f'<span class="bridge" data-from="{value.source_cell}">← {escape(_cell_name(value.source_cell))}: '
-                f'{escape(value.label)} <span style="color:#777">{escape(value.shape)} {escape(value.dtype)}</span>'
+                f'{escape(value.label)} <span class="muted">{escape(value.shape)} {escape(value.dtype)}</span>'
                 '</span>' for value in row.receives)
             saves = "<br>".join(
                 f'<span class="saved-name" data-name="{escape(saved.name)}"><b>{escape(saved.name)}</b> '
-                f'<span style="color:#777">{escape(saved.shape)} {escape(saved.dtype)}</span>'
+                f'<span class="muted">{escape(saved.shape)} {escape(saved.dtype)}</span>'
                 + (f' <span class="summary">{escape(saved.summary.describe())}</span>{saved.summary.svg()}'
                    if saved.summary is not None else "") + "</span>"
                 for saved in row.saves)
-            status_colour = _CELL_COLOURS.get(row.status, STATUS_COLOURS.get(row.status, "#555"))
+            status_colour = _CELL_COLOURS.get(row.status, theme.status_colour(row.status))
             body.append(f'<tr data-cell="{row.number}" data-status="{escape(row.status)}">'
                         f'<td class="line">In&nbsp;[{row.number}]</td><td class="name">{escape(row.code)}</td>'
                         f'<td>{receives}</td><td>{saves}</td>'

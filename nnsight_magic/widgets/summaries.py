@@ -14,11 +14,16 @@ Out[4]: 'histogram'
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from .theme import ACCENT
+
+INTEGER_LIMIT = 8  # integer tensors up to this many elements show every value (and its token)
 STRIP_LIMIT = 64  # values up to this many elements are drawn one cell per element
 HISTOGRAM_BINS = 24
 _SPARKS = "▁▂▃▄▅▆▇█"
@@ -53,6 +58,8 @@ class ValueSummary:
     low: float = 0.0
     high: float = 0.0
     text: str = ""
+    integers: tuple[int, ...] = ()
+    tokens: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """``min -1  mean 0.375  max 2  std 1.25`` for tensors, the short text otherwise."""
@@ -60,14 +67,23 @@ class ValueSummary:
             return self.text
         if self.minimum is None:
             return self.text
+        if self.integers:
+            shown = str(self.integers[0]) if self.shape == () else f"[{', '.join(map(str, self.integers))}]"
+            tokens = " ".join(repr(token) for token in self.tokens)
+            return f"= {shown}" + (f"  {tokens}" if tokens else "")
         if self.shape == ():
             return f"= {_number(self.minimum)}"
-        parts = [f"min {_number(self.minimum)}", f"mean {_number(self.mean)}", f"max {_number(self.maximum)}"]
+        whole = _integer if self.is_integer else _number
+        parts = [f"min {whole(self.minimum)}", f"mean {_number(self.mean)}", f"max {whole(self.maximum)}"]
         if self.std is not None:
             parts.append(f"std {_number(self.std)}")
         if self.nonfinite:
             parts.append(f"{self.nonfinite} non-finite")
         return "  ".join(parts)
+
+    @property
+    def is_integer(self) -> bool:
+        return self.kind == "tensor" and (self.dtype.startswith(("int", "uint")) or self.dtype == "bool")
 
     def sparkline(self) -> str:
         """The picture as text: ``▁▃█▅▂`` (histogram counts, or the strip's values)."""
@@ -93,7 +109,7 @@ class ValueSummary:
             for position, value in enumerate(self.bins):
                 bar = height * value / tallest
                 parts.append(f'<rect x="{position * cell:.1f}" y="{height - bar:.1f}" '
-                             f'width="{max(cell - 0.5, 0.5):.1f}" height="{bar:.1f}" fill="#4a78b5"/>')
+                             f'width="{max(cell - 0.5, 0.5):.1f}" height="{bar:.1f}" fill="{ACCENT}"/>')
         else:
             scale = max(abs(self.low), abs(self.high)) or 1.0
             for position, value in enumerate(self.bins):
@@ -103,10 +119,27 @@ class ValueSummary:
         return "".join(parts)
 
 
-def summarize(value: object) -> ValueSummary:
-    """The summary of one real value (see the module docstring)."""
+def summarize(value: object, decode: Callable[[int], str] | None = None) -> ValueSummary:
+    """The summary of one real value (see the module docstring).
+
+    An integer tensor of at most :data:`INTEGER_LIMIT` elements shows its values as integers; with ``decode`` (a
+    tokenizer's ``decode``) also as tokens, when every value is a token id (``0 <= id < vocabulary``):
+
+    In [5]: summarize(torch.tensor(7042), tokenizer.decode).describe()
+    Out[5]: "= 7042  ' Paris'"
+    """
     if isinstance(value, torch.Tensor):
-        return _tensor_summary(value)
+        summary = _tensor_summary(value)
+        if summary.is_integer and summary.minimum is not None and value.numel() <= INTEGER_LIMIT:
+            integers = tuple(int(item) for item in value.detach().reshape(-1).cpu().tolist())
+            tokens: tuple[str, ...] = ()
+            if decode is not None and value.dtype in (torch.int64, torch.int32) and min(integers) >= 0:
+                try:
+                    tokens = tuple(decode(item) for item in integers)
+                except (IndexError, KeyError, ValueError, TypeError, OverflowError):
+                    tokens = ()  # not token ids of this tokenizer: show the numbers only
+            summary = dataclasses.replace(summary, integers=integers, tokens=tokens)
+        return summary
     if isinstance(value, (bool, int, float)):
         return ValueSummary("scalar", dtype=type(value).__name__, text=repr(value))
     if isinstance(value, (list, tuple)):
@@ -162,6 +195,10 @@ def _number(value: float | None) -> str:
     if isinstance(value, bool):
         return str(value)
     return f"{value:.3g}"
+
+
+def _integer(value: float | None) -> str:
+    return "?" if value is None else str(int(value))
 
 
 def _diverging(fraction: float) -> str:

@@ -1,0 +1,76 @@
+"""The viewers: what each one sends its front end (checked against plain torch), its static rendering, and which
+viewer ``view`` picks for a value."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from language_fixtures import make_tiny_gpt2, tokenizer_or_skip
+from nnsight_magic.models.language import LanguageModel
+from nnsight_magic.widgets import AttentionHeads, LogitLens, TensorView, TokenValues, view
+from nnsight_magic.widgets.assets import asset_path, viewer_module
+
+
+def test_the_logit_lens_shows_each_layers_top_token_and_its_trajectory():
+    tokenizer = tokenizer_or_skip()
+    lm = LanguageModel(make_tiny_gpt2(), tokenizer=tokenizer)
+    prompt = "The Eiffel Tower is in"
+    with lm.trace(prompt):
+        lens = torch.stack([lm.lm_head(lm.transformer.ln_f(block.output[0])).softmax(-1)
+                            for block in lm.transformer.h]).save()
+    probabilities = lens.value                                       # (layers, positions, vocab)
+    ids = tokenizer(prompt)["input_ids"]
+    viewer = LogitLens(probabilities, tokens=ids, decode=tokenizer.decode)
+    top_p, top_id = probabilities.max(-1)
+    assert viewer.data["tokens"] == [tokenizer.decode(token) for token in ids]
+    assert [[token for token, _ in row] for row in viewer.data["top"]] == top_id.tolist()
+    assert viewer.data["top"][1][2][1] == round(top_p[1, 2].item(), 4)
+    assert viewer.top_tokens(1) == [tokenizer.decode(token) for token in top_id[1].tolist()]
+    token = top_id[0, 3].item()
+    assert viewer.data["trajectories"][3][str(token)] == [round(p, 4) for p in probabilities[:, 3, token].tolist()]
+    page = viewer._repr_mimebundle_()["text/html"]
+    assert page.count("<td data-layer=") == probabilities.shape[0] * probabilities.shape[1]
+    assert isinstance(view(probabilities, tokens=ids, decode=tokenizer.decode), LogitLens)
+
+
+def test_attention_heads_keep_every_pattern_and_mask_the_future():
+    pattern = torch.rand(1, 3, 4, 4).tril().softmax(-1)
+    viewer = AttentionHeads(pattern, tokens=["a", "b", "c", "d"])
+    assert viewer.data["patterns"] == [[[round(p, 3) for p in row] for row in head] for head in pattern[0].tolist()]
+    page = viewer._repr_mimebundle_()["text/html"]
+    assert page.count('class="head"') == 3
+    assert page.count("rgba(128,128,128,0.25)") == 3 * 6          # the 6 future keys of a 4-token causal pattern
+    assert isinstance(view(pattern), AttentionHeads)
+    with pytest.raises(ValueError, match=r"\(heads, queries, keys\)"):
+        AttentionHeads(torch.rand(3, 4, 5))
+
+
+def test_token_values_colour_each_token():
+    viewer = TokenValues(torch.tensor([-2.0, 0.0, 1.0]), tokens=["The", " cat", " sat"])
+    assert viewer.data["values"] == [-2.0, 0.0, 1.0] and viewer.data["scale"] == 2.0
+    page = viewer._repr_mimebundle_()["text/html"]
+    assert re.findall(r"background:(rgb\([^)]*\))", page) == ["rgb(0,0,255)", "rgb(255,255,255)", "rgb(255,128,128)"]
+    assert isinstance(view(torch.rand(3), tokens=["a", "b", "c"]), TokenValues)
+    with pytest.raises(ValueError, match="one value per token"):
+        TokenValues(torch.rand(2), tokens=["a", "b", "c"])
+
+
+def test_tensor_view_sends_the_values_and_a_histogram():
+    tensor = torch.arange(24.0).reshape(2, 3, 4)
+    viewer = TensorView(tensor)
+    assert viewer.data["shape"] == [2, 3, 4] and viewer.data["values"] == tensor.reshape(-1).tolist()
+    assert viewer.data["histogram"] == torch.histc(tensor, bins=32).tolist()
+    bundle = viewer._repr_mimebundle_()
+    assert bundle["text/plain"] == "TensorView: shape (2, 3, 4) · min 0 · mean 11.5 · max 23"
+    assert bundle["text/html"].count("<rect") == 12 + 32          # the first slice, then the histogram's bars
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+
+
+def test_front_end_sources_live_at_the_top_of_the_repository_and_are_self_contained():
+    assert asset_path("widgets", "logit_lens.js").parent.name == "widgets"
+    for name in ("logit_lens", "attention_heads", "token_values", "tensor_view"):
+        module = viewer_module(name)
+        assert "export default" in module and not re.search(r"^import ", module, re.MULTILINE)
