@@ -236,19 +236,24 @@ def test_two_clients_hammering_one_model_get_every_answer_right(cluster, x):
     twin = make_tiny()
     expected = [twin(x * number).detach() for number in range(100)]
     results: list = []
+    errors: list = []
 
     def client():
-        net = RemoteModel(cluster["net"].url, "net", token=TOKEN)
-        for number in range(100):
-            with net.trace(x * number):
-                out = net.output.save()
-            results.append(torch.equal(out.value, expected[number]))
+        try:
+            net = RemoteModel(cluster["net"].url, "net", token=TOKEN)
+            for number in range(100):
+                with net.trace(x * number):
+                    out = net.output.save()
+                results.append(torch.equal(out.value, expected[number]))
+        except Exception as error:  # noqa: BLE001 - reported by the test thread
+            errors.append(error)
 
     threads = [threading.Thread(target=client) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
+    assert not errors, errors
     assert len(results) == 200 and all(results)
 
 

@@ -7,6 +7,7 @@ runs overlap for certain (the fake shape scan passes through it without waiting)
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -192,3 +193,25 @@ def test_a_module_compiled_in_place_is_refused():
     with net.trace(torch.rand(3, 5)):           # the rest of the model still traces
         h = net.layer1.output.save()
     assert h.value.shape == (3, 10)
+
+
+def test_threads_scanning_at_once_each_get_shapes():
+    nets = [NNsight(make_tiny()) for _ in range(2)]
+
+    def job(net):
+        def run():
+            shapes = []
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")          # "shapes are unavailable" would be a failed scan
+                for rows in range(1, 30):
+                    x = torch.rand(rows, 5)
+                    with net.trace(x):
+                        out = net.output.save()
+                    shapes.append(out.shape)
+                    with torch.no_grad():
+                        assert torch.equal(out.value, net._module(x))
+            return shapes
+        return run
+
+    for shapes in in_threads(*(job(net) for net in nets)):
+        assert shapes == [torch.Size([rows, 2]) for rows in range(1, 30)]

@@ -30,7 +30,7 @@ from ..intervention.edit import EditTracer
 from ..intervention.envoy import Envoy
 from ..intervention.session import Session
 from ..intervention.tracer import Tracer
-from ..tracing.shapes import ModuleScan, ScanFailed
+from ..tracing.shapes import ModuleScan, ScanFailed, shared_fake_mode
 from ..tracing.symbolic import ConcreteScan, Roles, SymbolicScan
 from .aliases import standard_aliases
 
@@ -223,14 +223,17 @@ class NNsight(Envoy):
         concrete scan per input shape, with one warning. A model that cannot be scanned at all has no shapes
         (warned once per model type unless ``quiet``).
         """
-        key = kind + (input_signature(prepared.args), input_signature(prepared.kwargs), input_signature(options))
+        # fake values belong to one thread's fake mode: a scan serves the traces of the thread that made it
+        mode = id(shared_fake_mode())
+        key = kind + (mode, input_signature(prepared.args), input_signature(prepared.kwargs),
+                      input_signature(options))
         cache = self._scan_cache
         if key in cache:
             cache.move_to_end(key)
             return cache[key]
         roles = self._symbolic_roles()
         symbolic_scan, reason = None, None
-        pattern = None if roles is None else kind + (input_signature(prepared.args),
+        pattern = None if roles is None else kind + (mode, input_signature(prepared.args),
                                                      symbolic_signature(prepared.kwargs, roles), input_signature(options))
         if pattern is not None and not self._symbolic_fallback:
             first = self._symbolic_scans.setdefault(pattern, key)

@@ -75,6 +75,8 @@ _CONTAINER_METHODS = frozenset(
     "popitem to_tuple".split())
 _PACKAGE_FUNCTIONS = (
     "nnsight_magic.intervention.tracer.first_input", "nnsight_magic.intervention.tracer.replace_first_input",
+    "nnsight_magic.intervention.tracer.in_branch", "nnsight_magic.intervention.tracer.retain_grad",
+    "nnsight_magic.intervention.attention.gpt2_pattern", "nnsight_magic.intervention.attention.llama_pattern",
     "nnsight_magic.magics.runtime.python_and", "nnsight_magic.magics.runtime.python_or",
     "nnsight_magic.magics.runtime.python_not", "nnsight_magic.magics.runtime.format_string",
 )

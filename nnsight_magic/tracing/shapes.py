@@ -52,19 +52,21 @@ def quiet_fake_errors() -> Iterator[None]:
         _fake_logger.disabled = previous
 
 
-_shared_mode: fake_tensor.FakeTensorMode | None = None
+_modes = threading.local()
 
 
 def shared_fake_mode() -> fake_tensor.FakeTensorMode:
-    """The one ``FakeTensorMode`` every scan and every shape inference uses.
+    """The ``FakeTensorMode`` every scan and every shape inference of this thread uses.
 
     One mode means fake values of different scans (several invokes, several models in a session) can meet in
-    one operation. It remembers the fake copy of each real tensor (weakly: parameters are converted once).
+    one operation. It remembers the fake copy of each real tensor (weakly: parameters are converted once). A
+    ``FakeTensorMode`` must not be entered by two threads at once, so each thread has its own (and scans are
+    cached per mode: see ``NNsight._scan``).
     """
-    global _shared_mode
-    if _shared_mode is None:
-        _shared_mode = fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
-    return _shared_mode
+    mode = getattr(_modes, "mode", None)
+    if mode is None:
+        mode = _modes.mode = fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
+    return mode
 
 
 class InferenceMemo:
