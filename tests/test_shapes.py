@@ -181,3 +181,21 @@ def test_the_memo_keeps_no_real_tensor_alive(net, x):
     del steering
     gc.collect()
     assert reference() is None
+
+
+def test_a_list_filled_by_appends_has_the_same_fake_value_in_every_identical_build(tiny):
+    """Appends edit the list's fake value; a remembered append must not be skipped on the next build."""
+    model, x = NNsight(tiny), torch.rand(2, 5)
+    graphs, values = [], []
+    for _ in range(2):
+        with model.trace(x) as tracer:
+            seen = tracer.list().save()
+            seen.append(model.layer1.output)
+            seen.append(model.layer2.output)
+            joined = torch.cat(seen, dim=1).save()
+            assert joined.shape == (2, 12)
+        graphs.append(str(tracer.graph))
+        values.append(joined.value)
+    assert graphs[0] == graphs[1]
+    expected = torch.cat([tiny.layer1(x), tiny(x)], dim=1)
+    assert torch.equal(values[0], values[1]) and torch.allclose(values[0], expected, atol=1e-6)

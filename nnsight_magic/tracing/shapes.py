@@ -290,10 +290,13 @@ class ShapeInference(Interpreter):
         kwargs = map_nodes(fake_of, node.kwargs)
         if unknown:
             return self.cond_check(node, args) if node.op == "cond" else None
-        key = _memo.key(node, args, kwargs) if node.op not in ("new_list", "apply_module") else None
+        writes = written_node(node) is not None
+        # an edit of a list or dict (``append``) must run on every build: its effect is the container's fake value
+        memoized = node.op not in ("new_list", "apply_module") and not (writes and not isinstance(args[0], torch.Tensor))
+        key = _memo.key(node, args, kwargs) if memoized else None
         if key is not None and key in _memo:
             return _memo.get(key)
-        if written_node(node) is not None and isinstance(args[0], torch.Tensor):
+        if writes and isinstance(args[0], torch.Tensor):
             with self.fake_mode:
                 args = (args[0].clone(),) + tuple(args[1:])   # never change a fake value others share
         try:
