@@ -30,6 +30,7 @@ from ..errors import annotate
 from .graph import written_node
 from .interpreter import Interpreter
 from .node import Node, map_nodes
+from .replay import CallReplay
 from .twin import TwinFailed, fake_twin
 
 _FAKE_LIMITATIONS = (
@@ -167,6 +168,8 @@ class ModuleScan:
         self.result: Any = None
         self.twin: torch.nn.Module | None = None
         self.fake_inputs: tuple[tuple, dict] = ((), {})
+        self.log: list[tuple[str, str, Any]] = []
+        self.replayed = 0
 
     @classmethod
     def run(cls, root: torch.nn.Module, runner: Callable[..., Any], args: tuple, kwargs: dict, *,
@@ -189,6 +192,9 @@ class ModuleScan:
         except TwinFailed as error:
             raise ScanFailed(str(error)) from error
         handles = scan._hook(scan.twin)
+        replay = CallReplay(scan.twin, scan.fake_mode, scan.log, scan._record, {handle.id for handle in handles})
+        if scan.fake_mode.shape_env is None:   # sizes are plain ints: repeated calls are replayed
+            replay.install()
         try:
             with scan.fake_mode, torch.no_grad(), quiet_fake_errors(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -199,8 +205,10 @@ class ModuleScan:
         except Exception as error:  # any failure means "no shapes", never a failed trace
             raise ScanFailed(f"{type(error).__name__}: {error}") from error
         finally:
+            replay.remove()
             for handle in handles:
                 handle.remove()
+        scan.replayed = replay.replayed
         return scan
 
     def _hook(self, root: torch.nn.Module) -> list:
@@ -231,14 +239,19 @@ class ModuleScan:
         def record(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any = None) -> None:
             if threading.get_ident() != owner:
                 return
+            value = output if kind == "output" else (args, dict(kwargs))
             for path in paths:
-                calls = self.outputs if kind == "output" else self.inputs
-                values = calls.setdefault(path, [])
-                self.order[(path, kind, len(values))] = len(self.order)
-                values.append(output if kind == "output" else (args, dict(kwargs)))
+                self._record(path, kind, value)
         if kind == "input":
             return lambda module, args, kwargs: record(module, args, kwargs)
         return record
+
+    def _record(self, path: str, kind: str, value: Any) -> None:
+        calls = self.outputs if kind == "output" else self.inputs
+        values = calls.setdefault(path, [])
+        self.order[(path, kind, len(values))] = len(self.order)
+        values.append(value)
+        self.log.append((path, kind, value))
 
     def output(self, path: str, call: int) -> Any:
         """The fake output of call ``call`` of the module at ``path``, or ``None`` if that call never happened."""
