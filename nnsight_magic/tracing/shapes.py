@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch._subclasses import fake_tensor
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import annotate
 from .graph import written_node
@@ -188,7 +188,7 @@ class ModuleScan:
         """
         scan = cls(fake_mode or shared_fake_mode())
         try:
-            scan.twin = twin if twin is not None else fake_twin(root, scan.fake_mode)
+            scan.twin = twin if twin is not None else fake_twin(root, scan.fake_mode, _input_device((args, kwargs)))
         except TwinFailed as error:
             raise ScanFailed(str(error)) from error
         handles = scan._hook(scan.twin)
@@ -266,6 +266,14 @@ class ModuleScan:
     def calls(self, path: str) -> int:
         """How many times the module at ``path`` ran in one model run."""
         return len(self.outputs.get(path, ()))
+
+
+def _input_device(inputs: Any) -> torch.device:
+    """Where a model's meta-device weights will be when it runs on ``inputs``: their first tensor's device."""
+    for leaf in tree_flatten(inputs)[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+            return leaf.device
+    return torch.device("cpu")
 
 
 class ShapeInference(Interpreter):
