@@ -1,0 +1,121 @@
+"""Repeated module calls in a scan are replayed from the first one (tracing/replay.py), and the shapes stay exact."""
+
+from __future__ import annotations
+
+import torch
+
+from nnsight_magic import NNsight
+from nnsight_magic.tracing.shapes import ModuleScan
+
+from conftest import hook_count
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.inner = torch.nn.Linear(width, 2 * width)
+        self.outer = torch.nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        return x + self.outer(self.inner(x).relu())
+
+
+class Stack(torch.nn.Module):
+    """Six identical blocks, then one of another width (not replayable from the others)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(Block(8) for _ in range(6))
+        self.down = torch.nn.Linear(8, 4)
+        self.last = Block(4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.last(self.down(x))
+
+
+class Counting(Block):
+    """A block whose forward changes its own attributes: it must run on every call."""
+
+    def __init__(self, width: int):
+        super().__init__(width)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+def real_shapes(model: torch.nn.Module, x: torch.Tensor) -> dict[str, list]:
+    """Every module's output shape, dtype and device in a real run, recorded by hand-written hooks."""
+    seen: dict[str, list] = {}
+    handles = [module.register_forward_hook(
+        lambda _, __, output, path=path: seen.setdefault(path, []).append((output.shape, output.dtype, output.device)))
+        for path, module in model.named_modules()]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def scanned_shapes(scan: ModuleScan) -> dict[str, list]:
+    return {path: [(value.shape, value.dtype, value.device) for value in values]
+            for path, values in scan.outputs.items()}
+
+
+def test_identical_blocks_are_scanned_once_and_every_call_keeps_its_exact_shapes_and_order():
+    model, x = Stack(), torch.rand(3, 5, 8)
+    scan = ModuleScan.run(model, lambda twin, x: twin(x), (x,), {})
+    assert scan.replayed == 5 + 1   # blocks 1..5, and the outer Linear of block 0 is not like the inner one
+    assert scanned_shapes(scan) == real_shapes(model, x)
+    positions = [scan.order[(f"blocks.{index}", kind, 0)] for index in range(6) for kind in ("input", "output")]
+    assert positions == sorted(positions)
+    assert scan.order[("blocks.3", "input", 0)] < scan.order[("blocks.3.inner", "input", 0)] \
+        < scan.order[("blocks.3.outer", "output", 0)] < scan.order[("blocks.3", "output", 0)]
+    # a replayed call's submodule input is this call's own input, not the template's
+    assert scan.input("blocks.4.inner", 0)[0][0] is scan.input("blocks.4", 0)[0][0]
+    assert scan.input("blocks.4", 0)[0][0] is scan.output("blocks.3", 0)
+    assert "forward" not in vars(scan.twin.blocks[2])   # the twin's patches are gone after the scan
+
+
+def test_replayed_shapes_serve_a_trace_with_exact_values():
+    model, x = Stack(), torch.rand(3, 5, 8)
+    net = NNsight(model)
+    with net.trace(x):
+        inner = net.blocks[4].inner.output.save()
+        assert inner.shape == (3, 5, 16)
+        out = net.output.save()
+    expected = []
+    handle = model.blocks[4].inner.register_forward_hook(lambda _, __, output: expected.append(output))
+    try:
+        real = model(x)
+    finally:
+        handle.remove()
+    assert torch.equal(inner.value, expected[0]) and torch.equal(out.value, real)
+    assert hook_count(model) == 0
+
+
+def test_blocks_with_a_users_hook_or_changing_attributes_run_on_every_call():
+    model, x = Stack(), torch.rand(2, 8)
+    calls = []
+    model.blocks[3].inner.register_forward_hook(lambda module, args, output: calls.append(type(output).__name__))
+    scan = ModuleScan.run(model, lambda twin, x: twin(x), (x,), {})
+    assert calls == ["FakeTensor"]               # the user's hook saw block 3's scan call
+    assert scanned_shapes(scan) == real_shapes(model, x)
+    counting = torch.nn.Sequential(*(Counting(8) for _ in range(3)))
+    scan = ModuleScan.run(counting, lambda twin, x: twin(x), (x,), {})
+    assert [block.calls for block in scan.twin] == [1, 1, 1] and [block.calls for block in counting] == [0, 0, 0]
+
+
+def test_a_model_on_the_meta_device_scans_with_its_inputs_device():
+    with torch.device("meta"):
+        model = Stack()
+    scan = ModuleScan.run(model, lambda twin, x: twin(x), (torch.rand(2, 8),), {})
+    assert scan.output("", 0).shape == (2, 4) and scan.output("", 0).device == torch.device("cpu")
+    assert scan.output("blocks.5.inner", 0).device == torch.device("cpu")
+    assert scan.twin.blocks[0].inner.weight.device == torch.device("cpu")
+    assert model.blocks[0].inner.weight.device.type == "meta"
