@@ -3,6 +3,8 @@
 A :class:`ModuleScan` runs the model's fake twin (:mod:`.twin`: the same modules, fake tensors, no state shared
 with the model, so a scan never changes the model) once under ``FakeTensorMode`` (no real compute, no real
 memory) with hooks on every module, recording each module call's fake inputs and output and the order in which calls start and end.
+A concrete scan runs each repeated block once: later calls of a module with the same structure and input shapes
+are replayed from the first (:mod:`.replay`), so a 30-layer model's scan costs about one layer's fake ops.
 :class:`ShapeInference` then gives every node its fake value by running the node's op on its arguments' fake
 values, so ``proxy.shape`` is a real ``torch.Size`` while the cell is still being built, and a bad index or a
 mismatched assignment raises its usual error at the user's line, before the model runs.
