@@ -62,21 +62,18 @@ class CallReplay:
             self.paths.setdefault(id(module), path)
         self.single = {key for key, count in counts.items() if count == 1}
         self.root = root
-        self.structures: dict[int, tuple] = {}
+        self.structures: dict[int, int | None] = {}   # id(module) -> its structure's number, None: not replayable
+        self.numbers: dict[tuple, int] = {}
 
     def install(self) -> None:
         if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
             return
-        groups: dict[Any, list[torch.nn.Module]] = {}
+        groups: dict[int, list[torch.nn.Module]] = {}
+        self._structure(self.root, first=True)
         for module in self.root.modules():
-            if module is self.root or not self._single_path(module) or \
-                    any("forward" in sub.__dict__ for sub in module.modules()):
-                continue
-            try:
-                self.structures[id(module)] = self._structure(module)
-            except _CannotReplay:
-                continue
-            groups.setdefault(self.structures[id(module)], []).append(module)
+            structure = self.structures.get(id(module))
+            if module is not self.root and structure is not None:
+                groups.setdefault(structure, []).append(module)
         for modules in groups.values():
             if len(modules) < 2:
                 continue
@@ -151,23 +148,32 @@ class CallReplay:
         cache.__dict__["update"] = watched
 
     # ------------------------------------------------------------------------------------------- structure
-    def _single_path(self, module: torch.nn.Module) -> bool:
-        return all(id(sub) in self.single for sub in module.modules())
-
-    def _structure(self, module: torch.nn.Module) -> tuple:
-        """What a module's output shapes may depend on, besides its inputs (raises :class:`_CannotReplay`)."""
-        parts = []
-        for path, sub in module.named_modules():
-            for hooks in (sub._forward_hooks, sub._forward_pre_hooks, sub._backward_hooks,
-                          sub._backward_pre_hooks):
-                if any(handle not in self.own_hooks for handle in hooks):
-                    raise _CannotReplay("a hook that is not the scan's")
-            attributes = tuple((name, _attribute(value)) for name, value in sub.__dict__.items()
-                               if name not in _FREE_ATTRIBUTES)
-            tensors = tuple((name, _tensor_signature(value)) for name, value in
-                            list(sub._parameters.items()) + list(sub._buffers.items()))
-            parts.append((path, type(sub), attributes, tensors))
-        return tuple(parts)
+    def _structure(self, module: torch.nn.Module, first: bool = False) -> int | None:
+        """The number of what a module's output shapes may depend on besides its inputs: its class, attributes
+        (but ``layer_idx``), parameter and buffer shapes, and its children's structures; ``None`` when it cannot
+        be replayed (a hook that is not the scan's, a module reachable by several paths, or, on the ``first``
+        look, a ``forward`` set on the instance). Computed bottom-up, remembered in :attr:`structures`."""
+        children, replayable = [], id(module) in self.single
+        for name, child in module._modules.items():
+            number = None if child is None else self._structure(child, first)
+            replayable &= child is None or number is not None
+            children.append((name, number))
+        hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+        replayable &= all(handle in self.own_hooks for table in hooks for handle in table)
+        replayable &= not (first and "forward" in module.__dict__)
+        number = None
+        if replayable:
+            try:
+                attributes = tuple((name, _attribute(value)) for name, value in module.__dict__.items()
+                                   if name not in _FREE_ATTRIBUTES)
+                tensors = tuple((name, _tensor_signature(value)) for name, value in
+                                list(module._parameters.items()) + list(module._buffers.items()))
+                part = (type(module), attributes, tensors, tuple(children))
+                number = self.numbers.setdefault(part, len(self.numbers))
+            except _CannotReplay:
+                pass
+        self.structures[id(module)] = number
+        return number
 
 
 _MISSING = object()
