@@ -119,3 +119,31 @@ def test_a_model_on_the_meta_device_scans_with_its_inputs_device():
     assert scan.output("blocks.5.inner", 0).device == torch.device("cpu")
     assert scan.twin.blocks[0].inner.weight.device == torch.device("cpu")
     assert model.blocks[0].inner.weight.device.type == "meta"
+
+
+def test_a_language_model_on_the_meta_device_gets_the_shapes_of_the_real_one():
+    """A lazily loaded model's tree lives on the meta device until its first real run: its scan (with every layer
+    after the first replayed, the cache included) gives the shapes a real model of that config produces."""
+    transformers = __import__("pytest").importorskip("transformers")
+    from nnsight_magic.models.language import LanguageModel
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    with torch.device("meta"):
+        lazy = transformers.LlamaForCausalLM(config).eval()
+    torch.manual_seed(0)
+    real = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    lm = LanguageModel(lazy)
+    with lm.scan(ids):
+        hidden = lm.model.layers[2].output.save()
+        logits = lm.lm_head.output.save()
+        shapes = (tuple(hidden.shape), tuple(logits.shape))
+    expected = []
+    handle = real.model.layers[2].register_forward_hook(lambda _, __, output: expected.append(output))
+    try:
+        with torch.no_grad():
+            out = real(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        handle.remove()
+    assert shapes == (tuple(expected[0].shape), tuple(out.logits.shape))
+    assert lazy.model.layers[0].mlp.up_proj.weight.device.type == "meta"
