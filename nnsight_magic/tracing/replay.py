@@ -95,8 +95,11 @@ class CallReplay:
         prefix = self.paths[id(module)]
 
         def forward(*args: Any, **kwargs: Any) -> Any:
+            structure = self.structures.get(id(module))
+            if structure is None:   # it changed since the scan began (a hook added, say): it runs
+                return original(*args, **kwargs)
             try:
-                key = (self.structures[id(module)], _signature((args, kwargs)))
+                key = (structure, _signature((args, kwargs)))
             except _CannotReplay:
                 return original(*args, **kwargs)
             template = self.templates.get(key, _MISSING)
