@@ -131,7 +131,7 @@ class CallReplay:
         try:
             if self._structure(module) != key[0]:
                 raise _CannotReplay("its forward changed its attributes")
-            self.templates[key] = _Template(self, module, prefix, (args, kwargs), self.log[start:], output, updates)
+            self.templates[key] = _Template(module, prefix, (args, kwargs), self.log[start:], output, updates)
         except _CannotReplay:
             pass
         return output
@@ -185,7 +185,7 @@ _MISSING = object()
 class _Template:
     """One call that ran: its inputs, its submodules' recorded calls, its output and its cache updates."""
 
-    def __init__(self, replay: CallReplay, module: torch.nn.Module, prefix: str, inputs: tuple,
+    def __init__(self, module: torch.nn.Module, prefix: str, inputs: tuple,
                  events: list, output: Any, updates: list):
         head = prefix + "."
         self.events = []
