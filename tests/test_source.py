@@ -1,0 +1,180 @@
+"""``module.source``: values inside a module's forward, against values computed by hand from the module's weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from language_fixtures import GPT2_VOCAB, encode, hook_count
+from nnsight_magic import LanguageModel
+from nnsight_magic.intervention.source_rewrite import ForwardRewrite
+from nnsight_magic.widgets.labels import node_labels
+
+PROMPT = "The Eiffel Tower is in"
+
+
+def untouched(module: torch.nn.Module) -> bool:
+    """No trace of ``.source`` on the model: no instance forward, no "source" child, no hooks."""
+    return all("forward" not in each.__dict__ and "source" not in each._modules for each in module.modules()) \
+        and hook_count(module) == 0
+
+
+def causal_probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d) with the causal mask, by hand: (batch, heads, query, key)."""
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    length = q.shape[-2]
+    mask = torch.ones(length, length, dtype=torch.bool).tril()
+    return scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
+
+
+def test_gpt2_attn_weights_equal_the_probabilities_by_hand(gpt2_lm, gpt2_tok):
+    model = gpt2_lm._module
+    model.set_attn_implementation("eager")
+    attn = model.transformer.h[0].attn
+    with gpt2_lm.trace(PROMPT):
+        source = gpt2_lm.transformer.h[0].attn.source
+        weights = source.attn_weights.output.save()
+        shape_while_building = tuple(weights.shape)
+        hidden = gpt2_lm.transformer.h[0].attn.input.save()
+    assert untouched(model)
+    heads = attn.num_heads
+    q, k, _ = attn.c_attn(hidden.value).split(attn.split_size, dim=2)
+    split = lambda t: t.view(1, -1, heads, attn.head_dim).transpose(1, 2)  # noqa: E731
+    expected = causal_probabilities(split(q), split(k))
+    assert shape_while_building == tuple(expected.shape) == (1, heads, 7, 7)
+    assert torch.allclose(weights.value, expected, atol=1e-6)
+
+
+def test_an_edit_changes_the_output_as_a_hand_edited_forward_would(gpt2_lm, gpt2_tok):
+    model = gpt2_lm._module
+    ids = encode(gpt2_tok, PROMPT)
+    with gpt2_lm.trace(PROMPT):
+        gpt2_lm.transformer.h[1].mlp.source.hidden_states_1.output[:] *= 2   # the activation's output, in place
+        gpt2_lm.transformer.h[0].mlp.source.c_proj_0.input[:, -1] = 0       # a call's first argument
+        logits = gpt2_lm.lm_head.output.save()
+    assert untouched(model)
+    mlp0, mlp1 = model.transformer.h[0].mlp, model.transformer.h[1].mlp
+
+    def hand_mlp0(_, args):  # GPT2MLP.forward by hand, with c_proj's input edited
+        h = mlp0.act(mlp0.c_fc(args[0]))
+        h = h.clone()
+        h[:, -1] = 0
+        return mlp0.dropout(mlp0.c_proj(h))
+
+    def hand_mlp1(_, args):
+        return mlp1.dropout(mlp1.c_proj(mlp1.act(mlp1.c_fc(args[0])) * 2))
+
+    handles = [mlp0.register_forward_hook(lambda m, a, o: hand_mlp0(m, a)),
+               mlp1.register_forward_hook(lambda m, a, o: hand_mlp1(m, a))]
+    try:
+        with torch.no_grad():
+            expected = model(ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.allclose(logits.value, expected, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, expected, atol=1e-3)  # the edit was for that run only
+
+
+def test_llama_attention_and_mlp(llama_lm, gpt2_tok):
+    model = llama_lm._module
+    model.set_attn_implementation("eager")
+    ids = encode(gpt2_tok, PROMPT)
+    with llama_lm.trace(PROMPT):
+        attn = llama_lm.model.layers[0].self_attn.source
+        weights = attn.attn_weights.output.save()
+        rotated = attn.apply_rotary_pos_emb_0.output.save()
+        llama_lm.model.layers[1].self_attn.source.o_proj_0.input[:] = 0   # layer 1's attention adds nothing
+        down = llama_lm.model.layers[0].mlp.source.down_proj.output.save()
+        mlp_out = llama_lm.model.layers[0].mlp.output.save()
+        logits = llama_lm.lm_head.output.save()
+    assert untouched(model)
+    with torch.no_grad():
+        reference = model(ids, output_attentions=True)
+    assert torch.allclose(weights.value, reference.attentions[0], atol=1e-6)
+    assert len(rotated.value) == 2 and rotated.value[0].shape == (1, 4, ids.shape[1], 16)
+    assert torch.equal(down.value, mlp_out.value)
+    hook = model.model.layers[1].self_attn.o_proj.register_forward_hook(lambda m, a, o: torch.zeros_like(o))
+    try:
+        with torch.no_grad():
+            expected = model(ids).logits
+    finally:
+        hook.remove()
+    assert torch.allclose(logits.value, expected, atol=1e-5)
+
+
+def test_gpt_neox_attention_and_mlp(gpt2_tok):
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                           vocab_size=GPT2_VOCAB, max_position_embeddings=64, attn_implementation="eager")
+    model = GPTNeoXForCausalLM(config).eval()
+    lm = LanguageModel(model, tokenizer=gpt2_tok)
+    with lm.trace(PROMPT):
+        source = lm.gpt_neox.layers[0].attention.source
+        qkv = source.qkv.output.save()
+        hidden = lm.gpt_neox.layers[0].attention.input.save()
+        weights = source.attn_weights.output.save()
+        lm.gpt_neox.layers[0].mlp.source.hidden_states_1.output = torch.zeros(1, 7, 128)  # act's value, replaced
+        mlp = lm.gpt_neox.layers[0].mlp.output.save()
+    assert untouched(model)
+    attention = model.gpt_neox.layers[0].attention
+    expected = attention.query_key_value(hidden.value).view(1, -1, 4, 3 * 16).transpose(1, 2)
+    assert torch.allclose(qkv.value, expected, atol=1e-6)
+    assert weights.value.shape == (1, 4, expected.shape[2], expected.shape[2])
+    assert torch.allclose(weights.value.sum(-1), torch.ones(1, 4, expected.shape[2]), atol=1e-5)
+    dense = model.gpt_neox.layers[0].mlp.dense_4h_to_h
+    assert torch.allclose(mlp.value, dense(torch.zeros(1, 7, 128)), atol=1e-6)
+
+
+def test_under_sdpa_attn_weights_is_none_and_the_listing_says_so(gpt2_lm):
+    gpt2_lm._module.set_attn_implementation("sdpa")
+    text = str(gpt2_lm.transformer.h[0].attn.source)
+    assert "attn_weights is None" in text and "attention_interface_0" in text
+    with gpt2_lm.trace(PROMPT):
+        weights = gpt2_lm.transformer.h[0].attn.source.attn_weights.output.save()
+        out = gpt2_lm.transformer.h[0].attn.source.attn_output_4.output.save()
+        real = gpt2_lm.transformer.h[0].attn.output.save()
+    assert weights.value is None
+    assert torch.equal(out.value, real.value[0])
+
+
+def test_an_unknown_name_lists_the_operations(gpt2_lm):
+    with pytest.raises(AttributeError) as error:
+        gpt2_lm.transformer.h[0].mlp.source.hiden_states
+    message = str(error.value)
+    assert "did you mean" in message and "c_fc_0" in message and "hidden_states_3" in message
+    assert "test_source.py" in message  # the user's line
+
+
+def test_no_trace_remains_after_an_error_and_the_rewrite_is_cached(gpt2_lm):
+    model = gpt2_lm._module
+    before = type(model.transformer.h[0].mlp).forward
+    with pytest.raises(RuntimeError):
+        with gpt2_lm.trace(PROMPT):
+            gpt2_lm.transformer.h[0].mlp.source.act_0.output.save()
+            raise RuntimeError("the user's own error")
+    assert untouched(model) and type(model.transformer.h[0].mlp).forward is before
+    with pytest.raises(IndexError):
+        with gpt2_lm.trace(PROMPT):
+            gpt2_lm.transformer.h[0].mlp.source.act_0.output[:, :, 999] = 0   # caught while building
+    assert untouched(model)
+    assert ForwardRewrite.of(before) is ForwardRewrite.of(before)
+
+
+def test_the_inspector_labels_name_the_operation(gpt2_lm):
+    with gpt2_lm.scan(PROMPT) as tracer:
+        act = gpt2_lm.transformer.h[0].mlp.source.act_0.output
+    assert act.shape[-1] == 256
+    assert any("transformer.h[0].mlp.source.act_0.output" in label for label in node_labels(tracer.graph).expressions)
+    assert untouched(gpt2_lm._module)
+
+
+def test_values_at_every_generation_step(gpt2_lm):
+    with gpt2_lm.generate(PROMPT, max_new_tokens=3) as tracer:
+        steps = tracer.list().save()
+        with tracer.all():
+            steps.append(gpt2_lm.transformer.h[0].mlp.source.act_0.output)
+    assert [tuple(value.shape) for value in steps.value] == [(1, 7, 256), (1, 1, 256), (1, 1, 256)]
+    assert untouched(gpt2_lm._module)
