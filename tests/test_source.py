@@ -178,3 +178,27 @@ def test_values_at_every_generation_step(gpt2_lm):
             steps.append(gpt2_lm.transformer.h[0].mlp.source.act_0.output)
     assert [tuple(value.shape) for value in steps.value] == [(1, 7, 256), (1, 1, 256), (1, 1, 256)]
     assert untouched(gpt2_lm._module)
+
+
+def test_the_embedded_smollm2_attention_and_mlp(embedded_lm):
+    with embedded_lm.trace("The Eiffel Tower is in the city of"):
+        attn = embedded_lm.model.layers[3].self_attn.source
+        before_o_proj = attn.attn_output_1.output.save()
+        o_proj_input = attn.o_proj_0.input.save()
+        down = embedded_lm.model.layers[3].mlp.source.down_proj.output.save()
+        mlp = embedded_lm.model.layers[3].mlp.output.save()
+    assert torch.equal(before_o_proj.value, o_proj_input.value)   # the variable is what o_proj receives
+    assert torch.equal(down.value, mlp.value)
+    assert untouched(embedded_lm._module)
+
+
+def test_a_session_discard_and_a_recorded_trace_leave_nothing(gpt2_lm):
+    with gpt2_lm.session():
+        with gpt2_lm.trace(PROMPT):
+            act = gpt2_lm.transformer.h[0].mlp.source.act_0.output.save()
+        with gpt2_lm.trace(PROMPT):
+            gpt2_lm.transformer.h[0].mlp.source.act_0.output[:] = act
+            out = gpt2_lm.transformer.h[0].mlp.output.save()
+        assert "source" in gpt2_lm._module.transformer.h[0].mlp._modules   # recorded: installed until the run
+    assert untouched(gpt2_lm._module)
+    assert out.value.shape == (1, 7, 64)
