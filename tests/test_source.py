@@ -202,3 +202,25 @@ def test_a_session_discard_and_a_recorded_trace_leave_nothing(gpt2_lm):
         assert "source" in gpt2_lm._module.transformer.h[0].mlp._modules   # recorded: installed until the run
     assert untouched(gpt2_lm._module)
     assert out.value.shape == (1, 7, 64)
+
+
+def test_a_variable_of_several_lines_next_and_skip(gpt2_lm):
+    with gpt2_lm.trace(PROMPT):
+        mlp = gpt2_lm.transformer.h[0].mlp
+        first = mlp.source.hidden_states.output.save()            # every assignment in turn: c_fc's value first
+        after_act = mlp.source.hidden_states.next().output.save()  # then act's
+        fc = mlp.source.c_fc_0.output.save()
+        act = mlp.source.act_0.output.save()
+        mlp.source.c_proj_0.skip(torch.ones(1, 7, 64))             # c_proj does not run; its value is ones
+        out = mlp.output.save()
+    assert torch.equal(first.value, fc.value) and torch.equal(after_act.value, act.value)
+    assert torch.equal(out.value, torch.ones(1, 7, 64))             # dropout is the identity in eval mode
+    assert untouched(gpt2_lm._module)
+
+
+def test_the_cache_keeps_to_modules_when_a_trace_also_uses_source(gpt2_lm):
+    with gpt2_lm.trace(PROMPT) as tracer:
+        act = gpt2_lm.transformer.h[0].mlp.source.act_0.output.save()
+        cache = tracer.cache()
+    assert "transformer.h.0.mlp.act" in cache.value and not any(".source" in path for path in cache.value)
+    assert torch.equal(cache.value["transformer.h.0.mlp.act"], act.value)
