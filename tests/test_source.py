@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from language_fixtures import GPT2_VOCAB, encode, hook_count
-from nnsight_magic import LanguageModel
+from nnsight_magic import LanguageModel, NNsight
 from nnsight_magic.intervention.source_rewrite import ForwardRewrite
 from nnsight_magic.widgets.labels import node_labels
 
@@ -224,3 +226,46 @@ def test_the_cache_keeps_to_modules_when_a_trace_also_uses_source(gpt2_lm):
         cache = tracer.cache()
     assert "transformer.h.0.mlp.act" in cache.value and not any(".source" in path for path in cache.value)
     assert torch.equal(cache.value["transformer.h.0.mlp.act"], act.value)
+
+
+def scaled(function):
+    @functools.wraps(function)
+    def wrapper(self, x):
+        return function(self, x) * 2
+    return wrapper
+
+
+def helper(x):
+    return x + 1
+
+
+class Base(torch.nn.Module):
+    def forward(self, x):
+        return x * 3
+
+
+class Child(Base):
+    def __init__(self):
+        super().__init__()
+        self.__offset = 0.5   # a private name: mangled to _Child__offset
+
+    @scaled
+    def forward(self, x):
+        y = super().forward(x)
+        y = helper(y) + self.__offset
+        return y
+
+
+def test_super_private_names_helpers_and_decorators_behave_as_before():
+    module = Child()
+    x = torch.arange(3.0)
+    net = NNsight(module)
+    with net.trace(x):
+        source = net.source
+        base = source.forward_0.output.save()
+        first, second = source.y_0.output.save(), source.y_1.output.save()
+        out = net.output.save()
+    assert torch.equal(out.value, module(x)) and torch.equal(out.value, (x * 3 + 1 + 0.5) * 2)
+    assert torch.equal(base.value, x * 3) and torch.equal(first.value, x * 3) and torch.equal(second.value, x * 3 + 1.5)
+    assert list(source) == ["forward_0", "y_0", "helper_0", "y_1", "y"]
+    assert untouched(module)

@@ -27,7 +27,7 @@ import torch
 
 from .source_rewrite import SOURCE_KEY, ForwardRewrite, Site, SourceUnavailable
 
-MARK = f".{SOURCE_KEY}."  # in a module path: "transformer.h.0.attn.source.attn_weights"
+MARK = f"{SOURCE_KEY}."  # in every operation's path: "transformer.h.0.attn.source.attn_weights", "source.y_0"
 _calling = threading.local()  # the functions being called through operations, per thread (innermost last)
 
 
@@ -116,10 +116,10 @@ def operations_of(module: torch.nn.Module) -> SourceOperations:
 
 def split_path(path: str) -> tuple[str, str] | None:
     """``"h.0.attn.source.attn_weights"`` → ``("h.0.attn", "attn_weights")``; ``None`` for other paths."""
-    if MARK not in path and not path.startswith(f"{SOURCE_KEY}."):
+    parts = path.split(".")
+    if len(parts) < 2 or parts[-2] != SOURCE_KEY:
         return None
-    module_path, _, name = path.rpartition(f".{SOURCE_KEY}." if MARK in path else f"{SOURCE_KEY}.")
-    return module_path, name
+    return ".".join(parts[:-2]), parts[-1]
 
 
 def _install(module: torch.nn.Module) -> None:
@@ -181,6 +181,3 @@ def installed_sources(root: torch.nn.Module) -> tuple[str, ...]:
     paths = _by_root.get(root)
     return tuple(sorted(paths)) if paths else ()
 
-
-__all__ = ["Operation", "AssignedValue", "SourceOperations", "SourceUnavailable", "operations_of", "split_path",
-           "use_source", "release_sources", "installed_sources"]
