@@ -9,6 +9,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from language_fixtures import GPT2_VOCAB, encode, hook_count
+from magic_shell import ip, ok  # noqa: F401  (the IPython shell fixture)
 from nnsight_magic import LanguageModel, NNsight
 from nnsight_magic.intervention.source_rewrite import ForwardRewrite
 from nnsight_magic.widgets.labels import node_labels
@@ -269,3 +270,12 @@ def test_super_private_names_helpers_and_decorators_behave_as_before():
     assert torch.equal(base.value, x * 3) and torch.equal(first.value, x * 3) and torch.equal(second.value, x * 3 + 1.5)
     assert list(source) == ["forward_0", "y_0", "helper_0", "y_1", "y"]
     assert untouched(module)
+
+
+def test_a_trace_cell_reads_and_edits_an_operation(ip):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    ip.user_ns.update(net=NNsight(layer), x=torch.ones(1, 3))
+    ok(ip, "%%trace net x\nnet.source.linear_0.input[:] = 0\nout = net.output\n")
+    assert torch.equal(ip.user_ns["out"], layer.bias.detach()[None])   # linear(0) is the bias
+    assert untouched(layer)
