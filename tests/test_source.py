@@ -279,3 +279,13 @@ def test_a_trace_cell_reads_and_edits_an_operation(ip):
     ok(ip, "%%trace net x\nnet.source.linear_0.input[:] = 0\nout = net.output\n")
     assert torch.equal(ip.user_ns["out"], layer.bias.detach()[None])   # linear(0) is the bias
     assert untouched(layer)
+
+
+def test_a_persistent_edit_of_an_operation(gpt2_lm):
+    with gpt2_lm.edit() as edited:
+        edited.transformer.h[0].mlp.source.act_0.output[:] = 0
+    assert untouched(gpt2_lm._module)
+    with edited.trace(PROMPT):
+        c_proj_input = edited.transformer.h[0].mlp.c_proj.input.save()
+    assert torch.equal(c_proj_input.value, torch.zeros(1, 7, 256))
+    assert untouched(gpt2_lm._module)
