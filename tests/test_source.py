@@ -289,3 +289,16 @@ def test_a_persistent_edit_of_an_operation(gpt2_lm):
         c_proj_input = edited.transformer.h[0].mlp.c_proj.input.save()
     assert torch.equal(c_proj_input.value, torch.zeros(1, 7, 256))
     assert untouched(gpt2_lm._module)
+
+
+def test_a_module_with_accelerate_hooks(gpt2_lm):
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+    mlp = gpt2_lm._module.transformer.h[0].mlp
+    accelerate_hooks.add_hook_to_module(mlp, accelerate_hooks.ModelHook())
+    wrapper, kept = mlp.__dict__["forward"], mlp.__dict__["_old_forward"]
+    with gpt2_lm.trace(PROMPT):
+        act = gpt2_lm.transformer.h[0].mlp.source.act_0.output.save()
+        fc = gpt2_lm.transformer.h[0].mlp.c_fc.output.save()
+    assert torch.equal(act.value, mlp.act(fc.value))
+    assert mlp.__dict__["forward"] is wrapper and mlp.__dict__["_old_forward"] is kept
+    assert "source" not in mlp._modules and hook_count(gpt2_lm._module) == 0

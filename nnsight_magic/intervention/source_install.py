@@ -103,7 +103,7 @@ def operations_of(module: torch.nn.Module) -> SourceOperations:
     if existing is not None and not isinstance(existing, SourceOperations):
         raise SourceUnavailable(f"{type(module).__name__} has a child module named {SOURCE_KEY!r}; its operations "
                                 "cannot be addressed as `.source`")
-    if "forward" in module.__dict__ and _counts.get(module, 0) == 0:
+    if "forward" in module.__dict__ and _counts.get(module, 0) == 0 and _slot(module) != "_old_forward":
         raise SourceUnavailable(f"this {type(module).__name__} has its own `forward` attribute "
                                 f"({module.__dict__['forward']!r}), set by another library; `.source` rewrites the "
                                 "class's forward only")
@@ -122,12 +122,27 @@ def split_path(path: str) -> tuple[str, str] | None:
     return ".".join(parts[:-2]), parts[-1]
 
 
+def _slot(module: torch.nn.Module) -> str:
+    """Where the module's forward is called from: its class (``forward``), or accelerate's hook, which keeps the
+    class's forward as ``module._old_forward`` and calls it from its own ``module.forward``."""
+    kept = module.__dict__.get("_old_forward")
+    if "forward" in module.__dict__ and getattr(kept, "__func__", None) is type(module).forward and \
+            getattr(kept, "__self__", None) is module:
+        return "_old_forward"
+    return "forward"
+
+
+_previous: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, Any]]" = weakref.WeakKeyDictionary()
+
+
 def _install(module: torch.nn.Module) -> None:
     count = _counts.get(module, 0)
     if count == 0:
         holder = operations_of(module)
+        slot = _slot(module)
+        _previous[module] = (slot, module.__dict__.get(slot))
         module._modules[SOURCE_KEY] = holder
-        module.__dict__["forward"] = holder.rewrite.forward.__get__(module, type(module))
+        module.__dict__[slot] = holder.rewrite.forward.__get__(module, type(module))
     _counts[module] = count + 1
 
 
@@ -139,7 +154,11 @@ def _uninstall(module: torch.nn.Module) -> None:
     _counts.pop(module, None)
     if isinstance(module._modules.get(SOURCE_KEY), SourceOperations):
         del module._modules[SOURCE_KEY]
-    module.__dict__.pop("forward", None)
+    slot, previous = _previous.pop(module, ("forward", None))
+    if previous is None:
+        module.__dict__.pop(slot, None)
+    else:
+        module.__dict__[slot] = previous
 
 
 def use_source(tracer: Any, path: str) -> None:
