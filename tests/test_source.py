@@ -302,3 +302,10 @@ def test_a_module_with_accelerate_hooks(gpt2_lm):
     assert torch.equal(act.value, mlp.act(fc.value))
     assert mlp.__dict__["forward"] is wrapper and mlp.__dict__["_old_forward"] is kept
     assert "source" not in mlp._modules and hook_count(gpt2_lm._module) == 0
+
+
+def test_an_operation_in_a_branch_not_taken_says_so(gpt2_lm):
+    with pytest.raises(RuntimeError, match=r"never reached this operation's line .*print\(transformer.h\[0\].attn.source\)"):
+        with gpt2_lm.trace(PROMPT):
+            gpt2_lm.transformer.h[0].attn.source.c_attn_0.output.save()   # the cross-attention branch
+    assert untouched(gpt2_lm._module)
