@@ -133,6 +133,7 @@ def _slot(module: torch.nn.Module) -> str:
 
 
 _previous: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, Any]]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()  # traces of one model built in several threads install and release one at a time
 
 
 def _install(module: torch.nn.Module) -> None:
@@ -169,30 +170,32 @@ def use_source(tracer: Any, path: str) -> None:
     if parts is None:
         return
     module_path, _ = parts
-    if module_path in tracer._sources:
+    if any(installed == module_path for installed, _ in tracer._sources):
         return
     root = tracer.model._module
     module = root.get_submodule(module_path) if module_path else root
     if isinstance(module._modules.get(SOURCE_KEY), torch.nn.Module) and \
             not isinstance(module._modules[SOURCE_KEY], SourceOperations):
         return  # a real child called "source": an ordinary module path
-    _install(module)
-    tracer._sources.append(module_path)
-    paths = _by_root.setdefault(root, {})
-    paths[module_path] = paths.get(module_path, 0) + 1
+    with _lock:
+        _install(module)
+        tracer._sources.append((module_path, module))
+        paths = _by_root.setdefault(root, {})
+        paths[module_path] = paths.get(module_path, 0) + 1
     tracer._scans.clear()
 
 
 def release_sources(tracer: Any) -> None:
     """Give back every module ``tracer`` installed operations on (after its run, a failure or a discard)."""
     root = tracer.model._module
-    paths = _by_root.get(root, {})
-    while tracer._sources:
-        module_path = tracer._sources.pop()
-        _uninstall(root.get_submodule(module_path) if module_path else root)
-        paths[module_path] -= 1
-        if not paths[module_path]:
-            del paths[module_path]
+    with _lock:
+        paths = _by_root.get(root, {})
+        while tracer._sources:
+            module_path, module = tracer._sources.pop()
+            _uninstall(module)
+            paths[module_path] -= 1
+            if not paths[module_path]:
+                del paths[module_path]
 
 
 def installed_sources(root: torch.nn.Module) -> tuple[str, ...]:

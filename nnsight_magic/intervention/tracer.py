@@ -128,7 +128,7 @@ class Tracer:
         self._bridges: dict[tuple[int, int], Proxy] = {}
         self._branch_depth = 0  # open tracer.cond branches (see in_branch)
         self._parameters: dict[tuple[str, str], Proxy] = {}
-        self._sources: list[str] = []  # modules whose forward runs rewritten while this trace exists (.source)
+        self._sources: list[tuple[str, Any]] = []  # (path, module) running rewritten while this trace exists
         self.session = current_session()
         self.session_index: int | None = None
 
