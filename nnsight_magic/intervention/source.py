@@ -4,7 +4,7 @@ In [1]: print(lm.transformer.h[0].attn.source)            # the forward's source
 In [2]: with lm.trace("The Eiffel Tower is in"):
    ...:     attn = lm.transformer.h[0].attn.source
    ...:     weights = attn.attn_weights.output.save()       # a variable's value (eager attention: the probabilities)
-   ...:     q = attn.c_attn_0.output.save()                  # what the call `self.c_attn(...)` returned
+   ...:     qkv = attn.c_attn_1.output.save()                # what `self.c_attn(hidden_states)` returned
    ...:     x = attn.c_proj_0.input                          # its first argument: editable, for this run only
    ...:     x[:, -1] = 0
 In [3]: weights.shape                                        # known while building (the scan runs the rewrite)

@@ -108,9 +108,6 @@ class ForwardRewrite:
             rewrite = cls._cache[function] = cls(function)
         return rewrite
 
-    def site(self, name: str) -> Site | None:
-        return next((site for site in self.sites if site.name == name), None)
-
 
 # ------------------------------------------------------------------------------------------------ naming
 @dataclass
