@@ -309,3 +309,12 @@ def test_an_operation_in_a_branch_not_taken_says_so(gpt2_lm):
         with gpt2_lm.trace(PROMPT):
             gpt2_lm.transformer.h[0].attn.source.c_attn_0.output.save()   # the cross-attention branch
     assert untouched(gpt2_lm._module)
+
+
+def test_the_inspector_shows_an_operation_with_its_shape(gpt2_lm):
+    from nnsight_magic.widgets import GraphInspector
+    with gpt2_lm.trace(PROMPT) as tracer:
+        inspector = GraphInspector(tracer)
+        gpt2_lm.transformer.h[0].mlp.source.act_0.output.save()
+    row = next(line for line in inspector.text().splitlines() if "source.act_0" in line)
+    assert "transformer.h[0].mlp.source.act_0.output" in row and "(1, 7, 256)" in row and "saved" in row
