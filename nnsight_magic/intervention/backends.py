@@ -20,8 +20,9 @@ import torch
 
 from ..errors import OutOfOrderError, annotate, is_annotated, warn_at_user_line
 from ..tracing.execution import EarlyStop, Execution
-from ..tracing.node import Node
+from ..tracing.node import Node, module_label
 from .interleaver import Interleaver, ModelExecution
+from .source_install import split_path
 from .tracer import DONE, FAILED, RECORDED, RUNNING, Tracer
 
 
@@ -158,6 +159,11 @@ def never_produced(tracer: Tracer, execution: Execution, missing: list[Node]) ->
             section = tracer.graph.sections[node.section]
             reason = (f"it belongs to tracer.iter{section.steps}, but the model ran only {len(steps)} "
                       f"step{'s' if len(steps) != 1 else ''} (0 to {steps[-1]})")
+        elif node.op in ("module_output", "module_inputs") and split_path(node.target) is not None \
+                and not node.meta.get("call", 0):  # an operation of `.source` whose line the forward never reached
+            owner = module_label(split_path(node.target)[0])
+            reason = (f"the forward of {owner} never reached this operation's line (a branch not taken?); "
+                      f"`print({owner}.source)` shows where each operation is")
         elif node.op in ("module_output", "module_inputs"):
             call, step = node.meta.get("call", 0), node.meta.get("step", 0)
             reason = (f"the model did not call this module {'a ' + _ordinal(call + 1) + ' time' if call else ''}"

@@ -19,6 +19,8 @@ from typing import Any, Iterable
 
 import torch
 
+from .source_install import split_path
+
 
 class ModuleCache(dict):
     """``path -> output`` of every cached module; ``.inputs`` is ``path -> (args, kwargs)`` when asked for."""
@@ -73,7 +75,8 @@ def module_paths(tracer: Any, modules: Iterable[Any] | None) -> list[str]:
     if scan is None:
         raise ValueError("tracer.cache() needs to know which modules run: name them with modules=[...] (paths or "
                          "modules), or keep shapes on (validate=True) and give the trace its input first")
-    return [path for path, _ in tracer.model._module.named_modules() if path and scan.calls(path)]
+    return [path for path, _ in tracer.model._module.named_modules()  # operations of `.source` are not modules
+            if path and scan.calls(path) and split_path(path) is None]
 
 
 def cache(tracer: Any, modules: Iterable[Any] | None = None, include_inputs: bool = False, device: Any = None,

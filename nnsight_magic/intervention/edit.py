@@ -22,6 +22,7 @@ from ..tracing.graph import Graph
 from ..tracing.node import Node, map_nodes
 from ..tracing.proxy import Proxy
 from .parameters import ParameterValue
+from .source_install import MARK as SOURCE_MARK, use_source
 from .tracer import DONE, Tracer
 
 
@@ -64,6 +65,8 @@ class Edit:
             key = _translate(entry_keys[node.index], sections)
             entry = tracer._entries.get(key)
             if entry is None:
+                if SOURCE_MARK in node.target:  # an edit of an operation inside a forward (.source)
+                    use_source(tracer, node.target)
                 entry = tracer.create_proxy(node.op, node.target, (), {}, meta=dict(node.meta), location=location,
                                             fake=tracer._entry_fake(node.op, node.target, node.meta.get("call", 0), None))
                 tracer._entries[key] = entry

@@ -23,6 +23,8 @@ import torch
 
 from ..tracing.node import module_label, user_line
 from .parameters import parameter_kind
+from .source import SourceEnvoy
+from .source_install import SourceOperations
 
 _VALUE_NAMES = ("output", "input", "inputs")
 
@@ -86,6 +88,22 @@ class Envoy:
     @property
     def nns_inputs(self) -> Any:
         return self._tracer("read .inputs").module_value(self._path, "inputs")
+
+    @property
+    def source(self) -> Any:
+        """The operations of the module's forward, by name: ``attn.source.attn_weights.output`` (see :mod:`.source`).
+
+        ``print(module.source)`` shows the forward's source with the operations marked. A child named ``source``
+        wins if there is one.
+        """
+        child = self._module._modules.get("source")
+        if child is not None and not isinstance(child, SourceOperations):
+            return self._child("source")
+        envoy = self.__dict__.get("_source_envoy")
+        if envoy is None:
+            envoy = SourceEnvoy(self._module, self._path, lambda module, path: Envoy(module, path, self._root))
+            object.__setattr__(self, "_source_envoy", envoy)
+        return envoy
 
     def next(self, calls: int = 1) -> "Envoy":
         """Later reads of this module in the trace refer to its next call (a module used several times)."""

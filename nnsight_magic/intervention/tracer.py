@@ -35,6 +35,7 @@ from .contexts import Conditional, IterationBlock, IterationIndexer, Invoker
 from .ordering import check_order
 from .parameters import ParameterValue
 from .session import current_session
+from .source_install import MARK as SOURCE_MARK, release_sources, use_source
 
 BUILDING, RECORDED, RUNNING, DONE, FAILED = "building", "recorded", "running", "done", "failed"
 
@@ -127,6 +128,7 @@ class Tracer:
         self._bridges: dict[tuple[int, int], Proxy] = {}
         self._branch_depth = 0  # open tracer.cond branches (see in_branch)
         self._parameters: dict[tuple[str, str], Proxy] = {}
+        self._sources: list[tuple[str, Any]] = []  # (path, module) running rewritten while this trace exists
         self.session = current_session()
         self.session_index: int | None = None
 
@@ -252,6 +254,8 @@ class Tracer:
             return self.create_proxy("call_function", first_input, (self._original((*key[:1], "inputs", *key[2:])),), {})
         entry = self._entries.get(key)
         if entry is None:
+            if SOURCE_MARK in path:
+                use_source(self, path)
             op = "module_output" if kind == "output" else "module_inputs"
             meta = {"call": call, "step": step or 0, "invoke": invoke}
             first_step = step if section is None else self.graph.sections[section].steps.first
@@ -545,6 +549,8 @@ class Tracer:
                 self._saved.setdefault(node.index, []).append(reference)
             object.__setattr__(proxy, "_tracer", None)
         self._proxies = []
+        if self._sources:
+            release_sources(self)
         # the build-time tables hold proxies (and so their values): a finished tracer keeps no value alive
         self._entries.clear()
         self._values.clear()

@@ -29,6 +29,7 @@ from ..intervention.compiled import uncompiled
 from ..intervention.edit import EditTracer
 from ..intervention.envoy import Envoy
 from ..intervention.session import Session
+from ..intervention.source_install import installed_sources
 from ..intervention.tracer import Tracer
 from ..tracing.shapes import ModuleScan, ScanFailed, shared_fake_mode
 from ..tracing.symbolic import ConcreteScan, Roles, SymbolicScan
@@ -226,7 +227,7 @@ class NNsight(Envoy):
         # fake values belong to one thread's fake mode: a scan serves the traces of the thread that made it
         mode = id(shared_fake_mode())
         key = kind + (mode, input_signature(prepared.args), input_signature(prepared.kwargs),
-                      input_signature(options))
+                      input_signature(options), installed_sources(self._module))  # .source: scans with operations
         cache = self._scan_cache
         if key in cache:
             cache.move_to_end(key)
@@ -234,7 +235,8 @@ class NNsight(Envoy):
         roles = self._symbolic_roles()
         symbolic_scan, reason = None, None
         pattern = None if roles is None else kind + (mode, input_signature(prepared.args),
-                                                     symbolic_signature(prepared.kwargs, roles), input_signature(options))
+                                                     symbolic_signature(prepared.kwargs, roles), input_signature(options),
+                                                     installed_sources(self._module))
         if pattern is not None and not self._symbolic_fallback:
             first = self._symbolic_scans.setdefault(pattern, key)
             if isinstance(first, tuple) and first != key:  # a second input shape of this pattern: scan symbolically

@@ -1,0 +1,205 @@
+"""The operations of a module's forward as tiny modules, installed on one module only while a trace uses them.
+
+In [1]: with lm.trace("Hello"):
+   ...:     w = lm.transformer.h[0].attn.source.attn_weights.output.save()
+        # while this trace exists: h[0].attn runs its rewritten forward (see .source_rewrite), and its child
+        # "source" (a SourceOperations) holds one module per operation: transformer.h.0.attn.source.attn_weights
+        # after it (also after an error): the module's own forward and children again, no hooks
+
+Each operation is an :class:`Operation` (a call: it calls the function the forward was about to call) or an
+:class:`AssignedValue` (a variable's new value: it returns it). Because they are modules under the traced
+module's path, everything a trace does with a module works on them unchanged: hooks read and replace their
+inputs and outputs, the fake scan records their shapes (the scan's twin is a copy of the model with the
+operations installed), calls are counted per generation step, ``.skip()`` and ``.next()`` work.
+
+:func:`use_source` installs for one trace (counted, so traces of a session share an install) and
+:func:`release_sources` removes what that trace installed. :func:`installed_sources` is the part of a model's
+scan-cache key that tells scans with operations from scans without.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Callable
+
+import torch
+
+from .source_rewrite import SOURCE_KEY, ForwardRewrite, Site, SourceUnavailable
+
+MARK = f"{SOURCE_KEY}."  # in every operation's path: "transformer.h.0.attn.source.attn_weights", "source.y_0"
+_calling = threading.local()  # the functions being called through operations, per thread (innermost last)
+
+
+def _functions() -> list:
+    stack = getattr(_calling, "stack", None)
+    if stack is None:
+        stack = _calling.stack = []
+    return stack
+
+
+class Operation(torch.nn.Module):
+    """One call in a forward: its inputs are the call's arguments, its output what the function returned."""
+
+    def __init__(self, site: Site):
+        super().__init__()
+        self.site = site
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return _functions()[-1](*args, **kwargs)  # read before anything else runs: nested calls push their own
+
+    def extra_repr(self) -> str:
+        return f"{self.site.text}(...) at line {self.site.line}"
+
+
+class AssignedValue(torch.nn.Module):
+    """One assignment to a variable (or every assignment of it): input and output are the assigned value."""
+
+    def __init__(self, site: Site):
+        super().__init__()
+        self.site = site
+
+    def forward(self, value: Any) -> Any:
+        return value
+
+    def extra_repr(self) -> str:
+        return f"{self.site.text} = ... at line {self.site.line}"
+
+
+class SourceOperations(torch.nn.Module):
+    """The operations of one module's forward, as children named by operation (what the rewrite calls)."""
+
+    def __init__(self, rewrite: ForwardRewrite):
+        super().__init__()
+        self.rewrite = rewrite
+        for site in rewrite.sites:
+            self.add_module(site.name, (Operation if site.kind == "call" else AssignedValue)(site))
+
+    def call(self, name: str, function: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        stack = _functions()
+        stack.append(function)
+        try:
+            return self._modules[name](*args, **kwargs)
+        finally:
+            stack.pop()
+
+    def assigned(self, site: str, variable: str | None, value: Any) -> Any:
+        value = self._modules[site](value)
+        return value if variable is None else self._modules[variable](value)
+
+
+_holders: "weakref.WeakKeyDictionary[torch.nn.Module, SourceOperations]" = weakref.WeakKeyDictionary()
+_counts: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+_by_root: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, int]]" = weakref.WeakKeyDictionary()
+
+
+def operations_of(module: torch.nn.Module) -> SourceOperations:
+    """The operations of ``module``'s forward (made once per module and forward; never stored on the module).
+
+    Raises :class:`SourceUnavailable` when the forward cannot be rewritten, or when the module has a child of
+    its own named ``source``.
+    """
+    existing = module._modules.get(SOURCE_KEY)
+    if existing is not None and not isinstance(existing, SourceOperations):
+        raise SourceUnavailable(f"{type(module).__name__} has a child module named {SOURCE_KEY!r}; its operations "
+                                "cannot be addressed as `.source`")
+    if "forward" in module.__dict__ and _counts.get(module, 0) == 0 and _slot(module) != "_old_forward":
+        raise SourceUnavailable(f"this {type(module).__name__} has its own `forward` attribute "
+                                f"({module.__dict__['forward']!r}), set by another library; `.source` rewrites the "
+                                "class's forward only")
+    rewrite = ForwardRewrite.of(type(module).forward)
+    holder = _holders.get(module)
+    if holder is None or holder.rewrite is not rewrite:
+        holder = _holders[module] = SourceOperations(rewrite)
+    return holder
+
+
+def split_path(path: str) -> tuple[str, str] | None:
+    """``"h.0.attn.source.attn_weights"`` → ``("h.0.attn", "attn_weights")``; ``None`` for other paths."""
+    parts = path.split(".")
+    if len(parts) < 2 or parts[-2] != SOURCE_KEY:
+        return None
+    return ".".join(parts[:-2]), parts[-1]
+
+
+def _slot(module: torch.nn.Module) -> str:
+    """Where the module's forward is called from: its class (``forward``), or accelerate's hook, which keeps the
+    class's forward as ``module._old_forward`` and calls it from its own ``module.forward``."""
+    kept = module.__dict__.get("_old_forward")
+    if "forward" in module.__dict__ and getattr(kept, "__func__", None) is type(module).forward and \
+            getattr(kept, "__self__", None) is module:
+        return "_old_forward"
+    return "forward"
+
+
+_previous: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, Any]]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()  # traces of one model built in several threads install and release one at a time
+
+
+def _install(module: torch.nn.Module) -> None:
+    count = _counts.get(module, 0)
+    if count == 0:
+        holder = operations_of(module)
+        slot = _slot(module)
+        _previous[module] = (slot, module.__dict__.get(slot))
+        module._modules[SOURCE_KEY] = holder
+        module.__dict__[slot] = holder.rewrite.forward.__get__(module, type(module))
+    _counts[module] = count + 1
+
+
+def _uninstall(module: torch.nn.Module) -> None:
+    count = _counts.get(module, 0) - 1
+    if count > 0:
+        _counts[module] = count
+        return
+    _counts.pop(module, None)
+    if isinstance(module._modules.get(SOURCE_KEY), SourceOperations):
+        del module._modules[SOURCE_KEY]
+    slot, previous = _previous.pop(module, ("forward", None))
+    if previous is None:
+        module.__dict__.pop(slot, None)
+    else:
+        module.__dict__[slot] = previous
+
+
+def use_source(tracer: Any, path: str) -> None:
+    """Before a trace's first value of an operation at ``path``: run that module's forward rewritten (for the
+    trace's scans and its run) until :func:`release_sources`. Scans made before now have no operations, so the
+    trace forgets them."""
+    parts = split_path(path)
+    if parts is None:
+        return
+    module_path, _ = parts
+    if any(installed == module_path for installed, _ in tracer._sources):
+        return
+    root = tracer.model._module
+    module = root.get_submodule(module_path) if module_path else root
+    if isinstance(module._modules.get(SOURCE_KEY), torch.nn.Module) and \
+            not isinstance(module._modules[SOURCE_KEY], SourceOperations):
+        return  # a real child called "source": an ordinary module path
+    with _lock:
+        _install(module)
+        tracer._sources.append((module_path, module))
+        paths = _by_root.setdefault(root, {})
+        paths[module_path] = paths.get(module_path, 0) + 1
+    tracer._scans.clear()
+
+
+def release_sources(tracer: Any) -> None:
+    """Give back every module ``tracer`` installed operations on (after its run, a failure or a discard)."""
+    root = tracer.model._module
+    with _lock:
+        paths = _by_root.get(root, {})
+        while tracer._sources:
+            module_path, module = tracer._sources.pop()
+            _uninstall(module)
+            paths[module_path] -= 1
+            if not paths[module_path]:
+                del paths[module_path]
+
+
+def installed_sources(root: torch.nn.Module) -> tuple[str, ...]:
+    """The paths of ``root``'s modules that run rewritten now (``()`` almost always): part of a scan's key."""
+    paths = _by_root.get(root)
+    return tuple(sorted(paths)) if paths else ()
+
