@@ -83,7 +83,9 @@ def test_one_door_serves_several_models_with_their_trees_and_tokenizer(cluster, 
     assert repr(remote_lm._module) == repr(make_tiny_gpt2())
     assert remote_lm.tokenizer("Hello world")["input_ids"] == tokenizer_or_skip()("Hello world")["input_ids"]
     assert remote_lm.context_length == 128 and len(remote_lm.transformer.h) == 2
-    assert not any(True for _ in remote_lm._module.parameters())           # no weights in the notebook
+    shapes = [(name, tensor.shape) for name, tensor in remote_lm._module.named_parameters(remove_duplicate=False)]
+    assert shapes == [(name, tensor.shape) for name, tensor in make_tiny_gpt2().named_parameters(remove_duplicate=False)]
+    assert all(tensor.untyped_storage().nbytes() <= 8 for tensor in remote_lm._module.parameters())  # no weights
 
 
 @pytest.mark.parametrize("case", NET_CASES + LM_CASES, ids=lambda case: case.__name__)

@@ -110,13 +110,15 @@ def _tell(observers: list, status: dict) -> None:
 
 
 class _Skeleton(torch.nn.Module):
-    """A module of the server's model without weights: its class name, ``extra_repr`` and children."""
+    """A module of the server's model without weights: its class name, ``extra_repr``, children, and placeholders
+    of its parameters and buffers (right shape and dtype, one element of memory: the values live on the server)."""
 
     def __init__(self, description: dict):
         super().__init__()
         self._type_name = description["type"]
         self._extra = description.get("extra", "")
         self._leaf_repr = description.get("repr", "")
+        _add_placeholders(self, description)
         for name, child in description["children"]:
             self.add_module(name, skeleton(child))
 
@@ -138,8 +140,22 @@ class _SkeletonList(torch.nn.ModuleList, _Skeleton):
         torch.nn.Module.__init__(self)
         self._type_name = description["type"]
         self._extra = self._leaf_repr = ""
+        _add_placeholders(self, description)
         for name, child in description["children"]:
             self.add_module(name, skeleton(child))
+
+
+def _add_placeholders(module: torch.nn.Module, description: dict) -> None:
+    """Parameters and buffers of the right shape and dtype that hold no weights (a zero-stride view of one zero),
+    so a trace here gives ``module.weight`` the server's shape; reading their values outside a trace is
+    meaningless, and inside one the server's own tensors are used."""
+    from ..tracing.serialize import _dtype
+    for name, kind, shape, dtype, grad in description.get("tensors", ()):
+        placeholder = torch.zeros((), dtype=_dtype(dtype)).expand(*shape)
+        if kind == "parameter":
+            module.register_parameter(name, torch.nn.Parameter(placeholder, requires_grad=bool(grad)))
+        else:
+            module.register_buffer(name, placeholder)
 
 
 def skeleton(description: dict) -> torch.nn.Module:

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable
 
 from ..intervention.backends import run_trace
+from ..intervention.parameters import ParameterValue, parameter_kind
 from ..intervention.session import Session
 from ..tracing import serialize
 from ..tracing.execution import DONE, Execution
@@ -188,8 +189,16 @@ def decode_request(model: Any, header: dict, blob: bytes) -> list[tuple[ServedTr
 
 
 def check_paths(model: Any, graph: Graph) -> None:
-    """Every module path the graph names exists in this model (else ``ValueError`` naming it)."""
+    """Every module path and parameter the graph names exists in this model (else ``ValueError`` naming it)."""
     for node in graph.nodes:
+        if isinstance(node.target, ParameterValue):
+            try:
+                module = model._submodule(node.target.path)
+            except (KeyError, AttributeError):
+                module = None
+            if module is None or parameter_kind(module, node.target.name) != node.target.kind:
+                raise ValueError(f"node %{node.index} names the {node.target.kind} {node.target.__name__!r}, which "
+                                 "this model does not have; refused")
         if node.op in ("module_output", "module_inputs", "apply_module"):
             try:
                 model._submodule(node.target)

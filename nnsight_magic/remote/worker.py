@@ -45,9 +45,13 @@ def load_model(source: dict) -> Any:
 
 
 def module_tree(module: torch.nn.Module) -> dict:
-    """The module tree without weights: each module's class name, ``extra_repr`` and children."""
+    """The module tree without weights: each module's class name, ``extra_repr``, children, and the shape, dtype
+    and kind of its own parameters and buffers (so ``net.layer1.weight`` in a client's trace has a shape)."""
+    tensors = [[name, kind, list(tensor.shape), str(tensor.dtype).replace("torch.", ""), bool(tensor.requires_grad)]
+               for kind, table in (("parameter", module._parameters), ("buffer", module._buffers))
+               for name, tensor in table.items() if tensor is not None]
     return {"type": type(module).__name__, "list": isinstance(module, torch.nn.ModuleList),
-            "extra": module.extra_repr(), "repr": "" if module._modules else repr(module),
+            "extra": module.extra_repr(), "repr": "" if module._modules else repr(module), "tensors": tensors,
             "children": [[name, module_tree(child)] for name, child in module._modules.items() if child is not None]}
 
 
