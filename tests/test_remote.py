@@ -323,3 +323,30 @@ def test_a_server_restarted_between_requests_is_reached_again(cluster, x):
     finally:
         server.shutdown()
     assert torch.equal(first.value, second.value)
+
+
+def test_the_inspector_shows_the_requests_place_its_steps_and_done(remote_lm, capsys):
+    from nnsight_magic.widgets.inspector import GraphInspector
+
+    class Recording(GraphInspector):
+        headers: list = []
+
+        def request_status(self, status, place=None):
+            super().request_status(status, place)
+            self.headers.append(self._header_text())
+
+        def step_started(self, step):
+            super().step_started(step)
+            self.headers.append(self._header_text())
+
+    with remote_lm.generate("Hello", max_new_tokens=2) as tracer:
+        inspector = Recording(tracer)
+        inspector.request_status("queued", 2)        # what a client behind another one hears first
+        with tracer.all():
+            remote_lm.lm_head.output[0, -1].argmax()
+        tokens = tracer.result.save()
+    assert inspector.headers[0].startswith("queued (place 2) · ")
+    assert any("· running on the server · " in header and "step 2/2" in header for header in inspector.headers)
+    assert inspector.state == "done" and "on the server" not in inspector._header_text()
+    assert inspector._header_text().endswith("— done")
+    assert tokens.value.shape == (1, 3)

@@ -97,6 +97,8 @@ class Deadline:
 def encode_request(tracers: list, bridges: list[dict] | None = None, keep: list[list[int]] | None = None) -> bytes:
     """The request that runs ``tracers`` (one trace, or a session's traces in order) on the server.
 
+    A ``streamer=`` (the inspector's token stream, or the user's) does not travel: the tokens arrive with the
+    answer, step by step only as ``step_started`` statuses.
     ``bridges`` gives each trace's bridge nodes their values when the earlier trace ran elsewhere (a plain
     ``Session`` that runs trace by trace); ``keep`` the nodes whose values must come back although unsaved.
     """
@@ -107,7 +109,8 @@ def encode_request(tracers: list, bridges: list[dict] | None = None, keep: list[
         traces.append({
             "graph": serialize.dumps(tracer.graph, tensors),
             "invokes": encode_inputs(tracer.invokes, tensors),
-            "options": encode_value(tracer.run_options, tensors),
+            "options": encode_value({key: value for key, value in tracer.run_options.items()
+                                     if key != "streamer"}, tensors),  # a streamer stays here (see below)
             "grad": bool(tracer.needs_grad),
             "bridges": [[key[0], key[1], proxy.node.index] for key, proxy in tracer._bridges.items()
                         if proxy.node.index not in given],
