@@ -350,3 +350,26 @@ def test_the_inspector_shows_the_requests_place_its_steps_and_done(remote_lm, ca
     assert inspector.state == "done" and "on the server" not in inspector._header_text()
     assert inspector._header_text().endswith("— done")
     assert tokens.value.shape == (1, 3)
+
+
+def test_a_session_is_one_request_in_python_and_in_the_session_magic(cluster, remote_net, ip, x):
+    door = cluster["net"].door
+
+    def runs():
+        return ray.get(door.runs.remote("net"))
+
+    twin = make_tiny()
+    expected = twin.layer2(twin.layer1(x)).detach()  # the second trace runs on the first one's layer1 output
+    before = runs()
+    with remote_net.session():
+        with remote_net.trace(x):
+            h = remote_net.layer1.output.save()
+        with remote_net.trace(x * 2):
+            remote_net.layer1.output[:] = h
+            out = remote_net.output.save()
+    assert runs() == before + 1 and torch.equal(out.value, expected)
+    ip.user_ns.update(remote=remote_net, x=x)
+    ok(ip, "%%session\nwith remote.trace(x):\n    h = remote.layer1.output\nwith remote.trace(x * 2):\n"
+           "    remote.layer1.output[:] = h\n    out = remote.output")
+    assert runs() == before + 2 and torch.equal(ip.user_ns["out"], expected)
+    assert torch.equal(ip.user_ns["h"], twin.layer1(x).detach())

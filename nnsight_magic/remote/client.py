@@ -198,9 +198,16 @@ class RemoteModel(NNsight):
         object.__setattr__(self, "_server_device", description.get("device"))
 
     # ------------------------------------------------------------------------------------------ hooks
-    def session(self) -> "RemoteSession":
-        """Several traces that run on the server as one request, later ones using earlier values."""
-        return RemoteSession()
+    def _run_session(self, session: Session) -> None:
+        """Run a session of this model's traces (``with remote.session():``, ``%%session``, ``%session run``)
+        on the server as one request, later traces reading earlier values there."""
+        session.status = "running"
+        try:
+            self._send(session.tracers, encode_request(session.tracers))
+        except BaseException:
+            session.status = "failed"
+            raise
+        session.status = "done"
 
     def _scan(self, prepared: Any, options: dict, step: int = 0) -> ModuleScan | None:
         """The server's fake-tensor scan of this input (cached per input signature)."""
@@ -253,24 +260,6 @@ class RemoteModel(NNsight):
 
 class RemoteLanguageModel(RemoteModel, LanguageModel):
     """A remote Hugging Face causal LM: ``trace``, ``generate`` and the tokenizer, as :class:`LanguageModel`."""
-
-
-class RemoteSession(Session):
-    """A session of remote traces: one request runs them all, in order, on the server."""
-
-    def run(self) -> None:
-        models = {id(getattr(tracer.model, "_connection", None)) for tracer in self.tracers}
-        if len(models) != 1 or getattr(self.tracers[0].model, "_connection", None) is None:
-            super().run()
-            return
-        model = self.tracers[0].model
-        self.status = "running"
-        try:
-            model._send(self.tracers, encode_request(self.tracers))
-        except BaseException:
-            self.status = "failed"
-            raise
-        self.status = "done"
 
 
 def _attach_configs(module: torch.nn.Module, description: dict) -> None:
