@@ -100,8 +100,8 @@ def test_remote_equals_local_bit_for_bit(case, remote_lm, remote_net, gpt2_tok, 
     for mine, theirs in zip(got, expected):
         for index in theirs:
             assert tensors_equal(mine[index], theirs[index])
-    if case.__name__ != "logit_lens":  # a module called on a traced value has no shape here: no weights
-        assert [str(tracer.graph) for tracer in remote_tracers] == [str(tracer.graph) for tracer in local_tracers]
+    # the same graph, shapes included (a module called on a traced value, the logit lens, gets its from the server)
+    assert [str(tracer.graph) for tracer in remote_tracers] == [str(tracer.graph) for tracer in local_tracers]
 
 
 def test_wrong_or_missing_token_is_refused(cluster):
@@ -373,3 +373,17 @@ def test_a_session_is_one_request_in_python_and_in_the_session_magic(cluster, re
            "    remote.layer1.output[:] = h\n    out = remote.output")
     assert runs() == before + 2 and torch.equal(ip.user_ns["out"], expected)
     assert torch.equal(ip.user_ns["h"], twin.layer1(x).detach())
+
+
+def test_a_module_called_on_a_traced_value_has_its_shape_from_the_server(remote_lm, cluster):
+    with remote_lm.trace("Hello world"):
+        hidden = remote_lm.transformer.h[0].output[0]
+        lens = remote_lm.lm_head(remote_lm.transformer.ln_f(hidden))
+        assert lens.shape == (2, 50257) and lens.dtype == torch.float32         # known while building
+        with pytest.raises(IndexError, match=r"test_remote.py:\d+ `lens\[:, 60000\]`"):
+            lens[:, 60000]                                                   # ... so mistakes show at once
+        top = lens.argmax(-1).save()
+    local = LanguageModel(make_tiny_gpt2(), tokenizer=tokenizer_or_skip())
+    with local.trace("Hello world"):
+        expected = local.lm_head(local.transformer.ln_f(local.transformer.h[0].output[0])).argmax(-1).save()
+    assert torch.equal(top.value, expected.value)

@@ -21,7 +21,10 @@ import http.client
 import json
 import os
 import tempfile
+import threading
+import time
 import urllib.parse
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -30,15 +33,22 @@ from ..intervention.session import Session
 from ..intervention.tracer import DONE, FAILED, RUNNING
 from ..models.language import LanguageModel
 from ..models.nnsight import SCAN_CACHE_SIZE, NNsight, input_signature
-from ..tracing.serialize import FakeDecoder
+from ..tracing.serialize import FakeDecoder, FakeEncoder
 from ..tracing.shapes import ModuleScan
 from .executor import decode_answer, encode_request
-from .wire import ERROR, RESULT, STATUS, decode_error, read_frame, unpack
+from .wire import ERROR, RESULT, STATUS, decode_error, pack, read_frame, unpack
 from .worker import encode_scan_request
 
 
 class Connection:
-    """HTTP to one model of a server: a new connection per request, so a restarted server is simply reached."""
+    """HTTP to one model of a server over a kept-alive connection (one per thread).
+
+    A connection idle for less than :attr:`REUSE_SECONDS` is reused (the door keeps them 30 s); a describe or
+    scan that finds it closed is sent again on a new one, a run never is (it may have started): a restarted server
+    is reached by the next request.
+    """
+
+    REUSE_SECONDS = 10.0
 
     def __init__(self, url: str, name: str, token: str | None, timeout: float, max_answer_bytes: int):
         parsed = urllib.parse.urlsplit(url)
@@ -48,18 +58,40 @@ class Connection:
         self.parsed = parsed
         self.timeout = timeout
         self.max_answer_bytes = max_answer_bytes
+        self._local = threading.local()
 
-    def post(self, action: str, body: bytes) -> http.client.HTTPResponse:
+    def _open(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection and whether it is a reused one."""
+        kept, last = getattr(self._local, "connection", None), getattr(self._local, "last", 0.0)
+        self._local.connection = None
+        if kept is not None and time.monotonic() - last < self.REUSE_SECONDS:
+            return kept, True
+        if kept is not None:
+            kept.close()
         kind = http.client.HTTPSConnection if self.parsed.scheme == "https" else http.client.HTTPConnection
-        connection = kind(self.parsed.hostname, self.parsed.port, timeout=self.timeout)
-        path = f"{self.parsed.path.rstrip('/')}/v1/{urllib.parse.quote(self.name, safe='')}/{action}"
-        try:
-            connection.request("POST", path, body=body, headers={
-                "Authorization": f"Bearer {self.token}", "Content-Type": "application/octet-stream"})
-            response = connection.getresponse()
-        except OSError as error:
+        return kind(self.parsed.hostname, self.parsed.port, timeout=self.timeout), False
+
+    def _keep(self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+        """Keep ``connection`` for the next request once ``response`` is read to its end."""
+        if response.isclosed() and not response.will_close:
+            self._local.connection, self._local.last = connection, time.monotonic()
+        else:
             connection.close()
-            raise ConnectionError(f"cannot reach the model server at {self.url}: {error}") from error
+
+    def post(self, action: str, body: bytes) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        path = f"{self.parsed.path.rstrip('/')}/v1/{urllib.parse.quote(self.name, safe='')}/{action}"
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/octet-stream"}
+        while True:
+            connection, reused = self._open()
+            try:
+                connection.request("POST", path, body=body, headers=headers)
+                response = connection.getresponse()
+                break
+            except (OSError, http.client.HTTPException) as error:
+                connection.close()
+                if reused and action != "run":
+                    continue  # the door closed the idle connection: send again on a new one
+                raise ConnectionError(f"cannot reach the model server at {self.url}: {error}") from error
         if response.status != 200:
             text = response.read()
             connection.close()
@@ -69,34 +101,40 @@ class Connection:
                 message = text[:200].decode(errors="replace")
             kind = {401: PermissionError, 404: LookupError, 413: ValueError}.get(response.status, ConnectionError)
             raise kind(f"the model server at {self.url} refused: {message}")
-        return response
+        return connection, response
 
     def call(self, action: str, body: bytes = b"") -> tuple[dict, bytes]:
-        response = self.post(action, body)
+        connection, response = self.post(action, body)
         try:
-            header, blob = unpack(response.read())
-        finally:
-            response.close()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise ConnectionError(f"the model server at {self.url} stopped answering: {error}") from error
+        self._keep(connection, response)
+        header, blob = unpack(data)
         if "error" in header:
             raise decode_error(header["error"])
         return header, blob
 
     def run(self, body: bytes, observers: list) -> bytes:
         """Send a run request; tell ``observers`` its queue place, start and steps; return the answer's bytes."""
-        response = self.post("run", body)
+        connection, response = self.post("run", body)
         try:
             while True:
                 kind, payload = read_frame(response, self.max_answer_bytes)
                 if kind == STATUS:
                     _tell(observers, json.loads(payload))
                 elif kind == RESULT:
+                    response.read()  # the end of the stream, so the connection can carry the next request
+                    self._keep(connection, response)
                     return payload
                 elif kind == ERROR:
                     raise decode_error(json.loads(payload))
                 else:
                     raise ConnectionError(f"the server sent an unknown frame {kind!r}")
-        finally:
-            response.close()
+        except BaseException:
+            connection.close()
+            raise
 
 
 def _tell(observers: list, status: dict) -> None:
@@ -132,7 +170,11 @@ class _Skeleton(torch.nn.Module):
         return self._leaf_repr or super().__repr__()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(f"{self._type_name}'s weights live on the server; call it inside a trace")
+        """On fake tensors (building a trace: ``lm.lm_head(h)``), the server's fake result; else an error."""
+        remote = self.__dict__.get("_remote")
+        if remote is None or not _all_fake((args, kwargs)):
+            raise NotImplementedError(f"{self._type_name}'s weights live on the server; call it inside a trace")
+        return remote.module_scan(self.__dict__["_path"], args, kwargs)
 
 
 class _SkeletonList(torch.nn.ModuleList, _Skeleton):
@@ -143,6 +185,13 @@ class _SkeletonList(torch.nn.ModuleList, _Skeleton):
         _add_placeholders(self, description)
         for name, child in description["children"]:
             self.add_module(name, skeleton(child))
+
+
+def _all_fake(value: Any) -> bool:
+    """True when every tensor in ``value`` is a fake tensor (and there is one)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    tensors = [item for item in torch.utils._pytree.tree_leaves(value) if isinstance(item, torch.Tensor)]
+    return bool(tensors) and all(isinstance(item, FakeTensor) for item in tensors)
 
 
 def _add_placeholders(module: torch.nn.Module, description: dict) -> None:
@@ -194,6 +243,9 @@ class RemoteModel(NNsight):
         else:
             NNsight.__init__(self, module)
         object.__setattr__(self, "_connection", connection)
+        object.__setattr__(self, "_module_scans", OrderedDict())
+        for path, child in module.named_modules():
+            child.__dict__.update(_remote=self, _path=path)  # plain attributes: the skeleton asks for its shapes
         object.__setattr__(self, "_result_device", device)
         object.__setattr__(self, "_server_device", description.get("device"))
 
@@ -223,6 +275,22 @@ class RemoteModel(NNsight):
         if len(cache) > SCAN_CACHE_SIZE:
             cache.popitem(last=False)
         return scan
+
+    def module_scan(self, path: str, args: tuple, kwargs: dict) -> Any:
+        """The fake result of the module at ``path`` on fake ``args`` (from the server, cached per signature)."""
+        key = (path, input_signature(args), input_signature(kwargs))
+        cache = self._module_scans
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        fakes = FakeEncoder()
+        body = pack({"path": path, "args": fakes.encode(tuple(args)), "kwargs": fakes.encode(dict(kwargs)),
+                     "storages": fakes.storages})
+        header, _ = self._connection.call("module_scan", body)
+        cache[key] = result = FakeDecoder(header.get("storages", []), device="cpu").decode(header.get("fake"))
+        if len(cache) > SCAN_CACHE_SIZE:
+            cache.popitem(last=False)
+        return result
 
     def _run_elsewhere(self, tracer: Any, bridges: dict | None, keep: frozenset, on_update: Any) -> Any:
         """Run ``tracer`` on the server (``run_trace`` hands remote traces here)."""
