@@ -10,7 +10,9 @@ The server sends the module tree (class names and children, no weights), the con
 per new input shape, a fake-tensor scan, so building a trace here is the local code: the same graph, the same
 errors at the same lines. When the block ends, the graph goes to the server as data; its answer binds the saved
 values. Invokes, ``generate`` with steps, ``.grad``, ``stop``, edits and ``%%trace remote "prompt"`` work
-unchanged; ``remote.session()`` sends all of a session's traces in one request. Observers of a trace hear
+unchanged; a session (``with remote.session():``, ``%%session``, ``%session run``) is one request. A module
+called on a traced value (``remote.lm_head(h)``) gets its shape from the server (a ``module_scan`` on a fake
+twin); the tree's parameters are weightless placeholders, so ``remote.layer1.weight`` in a trace has its shape. Observers of a trace hear
 ``request_status("queued", place)``, ``request_status("running", None)`` and ``step_started(step)``.
 """
 
