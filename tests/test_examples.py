@@ -34,7 +34,7 @@ from nnsight_magic.models.embedded import SMOLLM2_CACHE_NAME, SMOLLM2_PACKAGE, c
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
 CLASSROOM = ["01_first_trace", "02_logit_lens", "03_activation_patching", "04_steering", "05_sessions",
-             "06_any_module", "07_attention"]
+             "06_any_module", "07_attention", "08_remote"]
 PLAIN_KERNEL = "plain-python"  # an ordinary IPython kernel: the notebook's own %load_ext loads the magics
 CELL_TIMEOUT_SECONDS = 600     # the embedded model's first load on a machine converts its weights once
 LAST_WORDS = "All checks passed."

@@ -83,7 +83,9 @@ def test_one_door_serves_several_models_with_their_trees_and_tokenizer(cluster, 
     assert repr(remote_lm._module) == repr(make_tiny_gpt2())
     assert remote_lm.tokenizer("Hello world")["input_ids"] == tokenizer_or_skip()("Hello world")["input_ids"]
     assert remote_lm.context_length == 128 and len(remote_lm.transformer.h) == 2
-    assert not any(True for _ in remote_lm._module.parameters())           # no weights in the notebook
+    shapes = [(name, tensor.shape) for name, tensor in remote_lm._module.named_parameters(remove_duplicate=False)]
+    assert shapes == [(name, tensor.shape) for name, tensor in make_tiny_gpt2().named_parameters(remove_duplicate=False)]
+    assert all(tensor.untyped_storage().nbytes() <= 8 for tensor in remote_lm._module.parameters())  # no weights
 
 
 @pytest.mark.parametrize("case", NET_CASES + LM_CASES, ids=lambda case: case.__name__)
@@ -98,8 +100,8 @@ def test_remote_equals_local_bit_for_bit(case, remote_lm, remote_net, gpt2_tok, 
     for mine, theirs in zip(got, expected):
         for index in theirs:
             assert tensors_equal(mine[index], theirs[index])
-    if case.__name__ != "logit_lens":  # a module called on a traced value has no shape here: no weights
-        assert [str(tracer.graph) for tracer in remote_tracers] == [str(tracer.graph) for tracer in local_tracers]
+    # the same graph, shapes included (a module called on a traced value, the logit lens, gets its from the server)
+    assert [str(tracer.graph) for tracer in remote_tracers] == [str(tracer.graph) for tracer in local_tracers]
 
 
 def test_wrong_or_missing_token_is_refused(cluster):
@@ -321,3 +323,67 @@ def test_a_server_restarted_between_requests_is_reached_again(cluster, x):
     finally:
         server.shutdown()
     assert torch.equal(first.value, second.value)
+
+
+def test_the_inspector_shows_the_requests_place_its_steps_and_done(remote_lm, capsys):
+    from nnsight_magic.widgets.inspector import GraphInspector
+
+    class Recording(GraphInspector):
+        headers: list = []
+
+        def request_status(self, status, place=None):
+            super().request_status(status, place)
+            self.headers.append(self._header_text())
+
+        def step_started(self, step):
+            super().step_started(step)
+            self.headers.append(self._header_text())
+
+    with remote_lm.generate("Hello", max_new_tokens=2) as tracer:
+        inspector = Recording(tracer)
+        inspector.request_status("queued", 2)        # what a client behind another one hears first
+        with tracer.all():
+            remote_lm.lm_head.output[0, -1].argmax()
+        tokens = tracer.result.save()
+    assert inspector.headers[0].startswith("queued (place 2) · ")
+    assert any("· running on the server · " in header and "step 2/2" in header for header in inspector.headers)
+    assert inspector.state == "done" and "on the server" not in inspector._header_text()
+    assert inspector._header_text().endswith("— done")
+    assert tokens.value.shape == (1, 3)
+
+
+def test_a_session_is_one_request_in_python_and_in_the_session_magic(cluster, remote_net, ip, x):
+    door = cluster["net"].door
+
+    def runs():
+        return ray.get(door.runs.remote("net"))
+
+    twin = make_tiny()
+    expected = twin.layer2(twin.layer1(x)).detach()  # the second trace runs on the first one's layer1 output
+    before = runs()
+    with remote_net.session():
+        with remote_net.trace(x):
+            h = remote_net.layer1.output.save()
+        with remote_net.trace(x * 2):
+            remote_net.layer1.output[:] = h
+            out = remote_net.output.save()
+    assert runs() == before + 1 and torch.equal(out.value, expected)
+    ip.user_ns.update(remote=remote_net, x=x)
+    ok(ip, "%%session\nwith remote.trace(x):\n    h = remote.layer1.output\nwith remote.trace(x * 2):\n"
+           "    remote.layer1.output[:] = h\n    out = remote.output")
+    assert runs() == before + 2 and torch.equal(ip.user_ns["out"], expected)
+    assert torch.equal(ip.user_ns["h"], twin.layer1(x).detach())
+
+
+def test_a_module_called_on_a_traced_value_has_its_shape_from_the_server(remote_lm, cluster):
+    with remote_lm.trace("Hello world"):
+        hidden = remote_lm.transformer.h[0].output[0]
+        lens = remote_lm.lm_head(remote_lm.transformer.ln_f(hidden))
+        assert lens.shape == (2, 50257) and lens.dtype == torch.float32         # known while building
+        with pytest.raises(IndexError, match=r"test_remote.py:\d+ `lens\[:, 60000\]`"):
+            lens[:, 60000]                                                   # ... so mistakes show at once
+        top = lens.argmax(-1).save()
+    local = LanguageModel(make_tiny_gpt2(), tokenizer=tokenizer_or_skip())
+    with local.trace("Hello world"):
+        expected = local.lm_head(local.transformer.ln_f(local.transformer.h[0].output[0])).argmax(-1).save()
+    assert torch.equal(top.value, expected.value)

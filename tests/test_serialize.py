@@ -135,6 +135,22 @@ def edited(net, x):
     return [tracer]
 
 
+def parameters(net, x):
+    with net.trace(x) as tracer:
+        keep(net.layer1.weight.save())                       # read: the model's own tensor
+        net.layer2.weight[:, 0] = 0                          # edited: this run's copy
+        net.layer2.bias *= 2
+        keep(net.output.save())
+    return [tracer]
+
+
+def cached(net, x):
+    with net.trace(x) as tracer:
+        keep(tracer.cache(include_inputs=True))
+        keep(tracer.cache(modules=["layer1"], dtype=torch.float64))
+    return [tracer]
+
+
 def invokes(lm, _):
     with lm.trace() as tracer:
         with tracer.invoke("The Eiffel Tower is in"):
@@ -164,9 +180,15 @@ def generation(lm, _):
     return [tracer]
 
 
+def generation_cache(lm, _):
+    with lm.generate("Hello", max_new_tokens=2) as tracer:
+        keep(tracer.cache(modules=["transformer.h.0", lm.lm_head]))
+    return [tracer]
+
+
 NET_CASES = [save_two, edit_in_place, assign_and_input, operators_and_functions, unvalidated, conditional,
-             gradient, stop_early, session, edited]
-LM_CASES = [invokes, logit_lens, generation]
+             gradient, stop_early, session, edited, parameters, cached]
+LM_CASES = [invokes, logit_lens, generation, generation_cache]
 
 
 def build(case, gpt2_tok):
@@ -241,10 +263,26 @@ def tampered(data, change):
     (lambda data: data["nodes"][1]["args"].__setitem__(1, {"code": "__import__('os')"}), "unknown constant"),
     (lambda data: data["nodes"][2].update(deps=[5]), "dependency index 5 is out of range"),
     (lambda data: data.update(format="pickle"), "not a serialized graph"),
+    (lambda data: data["nodes"][1].update(target={"parameter": ["layer1", "__dict__", "parameter"]}),
+     "does not name a parameter"),
+    (lambda data: data["nodes"][1].update(target={"parameter": ["layer1", "weight", "module"]}),
+     "does not name a parameter"),
 ])
 def test_from_json_refuses_what_is_off_the_allow_list(net, x, change, refused):
     with pytest.raises(ValueError, match=refused.replace("(", r"\(").replace("[", r"\[")):
         from_json(tampered(graph_text(net, x), change))
+
+
+def test_a_parameter_the_model_does_not_have_is_refused_before_the_run(net, x):
+    with net.trace(x) as tracer:
+        net.layer1.weight.save()
+    data = json.loads(tracer.graph.to_json())
+    data["nodes"][0]["target"]["parameter"][1] = "secret"
+    header, blob = unpack(encode_request([tracer]))
+    header["traces"][0]["graph"] = data
+    answers, _, error = decode_answer([tracer.graph], execute(NNsight(make_tiny()), header, blob))
+    assert isinstance(error, ValueError) and "the parameter 'layer1.secret', which this model does not have" in \
+        str(error)
 
 
 def test_deep_nesting_is_refused(net, x):

@@ -108,6 +108,11 @@ class Session:
     def run(self) -> None:
         """Run every recorded trace in order; later traces receive their bridged values from earlier ones."""
         from .backends import run_trace
+        models = {id(tracer.model): tracer.model for tracer in self.tracers}
+        runner = getattr(next(iter(models.values())), "_run_session", None) if len(models) == 1 else None
+        if runner is not None:  # a model that runs elsewhere runs the whole session there (one request)
+            runner(self)
+            return
         readers: dict[tuple[int, int], int] = {}
         for tracer in self.tracers:
             for key in tracer._bridges:

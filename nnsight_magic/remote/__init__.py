@@ -7,7 +7,7 @@ In [3]: remote = RemoteModel(server.url, "smol", token="s3cret")  # in a noteboo
 ``RemoteModel`` needs no Ray; ``serve`` imports it when called.
 """
 
-from .client import RemoteModel, RemoteSession
+from .client import RemoteModel
 from .server import Server, serve
 
-__all__ = ["RemoteModel", "RemoteSession", "Server", "serve"]
+__all__ = ["RemoteModel", "Server", "serve"]

@@ -10,7 +10,9 @@ The server sends the module tree (class names and children, no weights), the con
 per new input shape, a fake-tensor scan, so building a trace here is the local code: the same graph, the same
 errors at the same lines. When the block ends, the graph goes to the server as data; its answer binds the saved
 values. Invokes, ``generate`` with steps, ``.grad``, ``stop``, edits and ``%%trace remote "prompt"`` work
-unchanged; ``remote.session()`` sends all of a session's traces in one request. Observers of a trace hear
+unchanged; a session (``with remote.session():``, ``%%session``, ``%session run``) is one request. A module
+called on a traced value (``remote.lm_head(h)``) gets its shape from the server (a ``module_scan`` on a fake
+twin); the tree's parameters are weightless placeholders, so ``remote.layer1.weight`` in a trace has its shape. Observers of a trace hear
 ``request_status("queued", place)``, ``request_status("running", None)`` and ``step_started(step)``.
 """
 
@@ -21,7 +23,10 @@ import http.client
 import json
 import os
 import tempfile
+import threading
+import time
 import urllib.parse
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -30,15 +35,22 @@ from ..intervention.session import Session
 from ..intervention.tracer import DONE, FAILED, RUNNING
 from ..models.language import LanguageModel
 from ..models.nnsight import SCAN_CACHE_SIZE, NNsight, input_signature
-from ..tracing.serialize import FakeDecoder
+from ..tracing.serialize import FakeDecoder, FakeEncoder
 from ..tracing.shapes import ModuleScan
 from .executor import decode_answer, encode_request
-from .wire import ERROR, RESULT, STATUS, decode_error, read_frame, unpack
+from .wire import ERROR, RESULT, STATUS, decode_error, pack, read_frame, unpack
 from .worker import encode_scan_request
 
 
 class Connection:
-    """HTTP to one model of a server: a new connection per request, so a restarted server is simply reached."""
+    """HTTP to one model of a server over a kept-alive connection (one per thread).
+
+    A connection idle for less than :attr:`REUSE_SECONDS` is reused (the door keeps them 30 s); a describe or
+    scan that finds it closed is sent again on a new one, a run never is (it may have started): a restarted server
+    is reached by the next request.
+    """
+
+    REUSE_SECONDS = 10.0
 
     def __init__(self, url: str, name: str, token: str | None, timeout: float, max_answer_bytes: int):
         parsed = urllib.parse.urlsplit(url)
@@ -48,18 +60,40 @@ class Connection:
         self.parsed = parsed
         self.timeout = timeout
         self.max_answer_bytes = max_answer_bytes
+        self._local = threading.local()
 
-    def post(self, action: str, body: bytes) -> http.client.HTTPResponse:
+    def _open(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection and whether it is a reused one."""
+        kept, last = getattr(self._local, "connection", None), getattr(self._local, "last", 0.0)
+        self._local.connection = None
+        if kept is not None and time.monotonic() - last < self.REUSE_SECONDS:
+            return kept, True
+        if kept is not None:
+            kept.close()
         kind = http.client.HTTPSConnection if self.parsed.scheme == "https" else http.client.HTTPConnection
-        connection = kind(self.parsed.hostname, self.parsed.port, timeout=self.timeout)
-        path = f"{self.parsed.path.rstrip('/')}/v1/{urllib.parse.quote(self.name, safe='')}/{action}"
-        try:
-            connection.request("POST", path, body=body, headers={
-                "Authorization": f"Bearer {self.token}", "Content-Type": "application/octet-stream"})
-            response = connection.getresponse()
-        except OSError as error:
+        return kind(self.parsed.hostname, self.parsed.port, timeout=self.timeout), False
+
+    def _keep(self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+        """Keep ``connection`` for the next request once ``response`` is read to its end."""
+        if response.isclosed() and not response.will_close:
+            self._local.connection, self._local.last = connection, time.monotonic()
+        else:
             connection.close()
-            raise ConnectionError(f"cannot reach the model server at {self.url}: {error}") from error
+
+    def post(self, action: str, body: bytes) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        path = f"{self.parsed.path.rstrip('/')}/v1/{urllib.parse.quote(self.name, safe='')}/{action}"
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/octet-stream"}
+        while True:
+            connection, reused = self._open()
+            try:
+                connection.request("POST", path, body=body, headers=headers)
+                response = connection.getresponse()
+                break
+            except (OSError, http.client.HTTPException) as error:
+                connection.close()
+                if reused and action != "run":
+                    continue  # the door closed the idle connection: send again on a new one
+                raise ConnectionError(f"cannot reach the model server at {self.url}: {error}") from error
         if response.status != 200:
             text = response.read()
             connection.close()
@@ -69,34 +103,40 @@ class Connection:
                 message = text[:200].decode(errors="replace")
             kind = {401: PermissionError, 404: LookupError, 413: ValueError}.get(response.status, ConnectionError)
             raise kind(f"the model server at {self.url} refused: {message}")
-        return response
+        return connection, response
 
     def call(self, action: str, body: bytes = b"") -> tuple[dict, bytes]:
-        response = self.post(action, body)
+        connection, response = self.post(action, body)
         try:
-            header, blob = unpack(response.read())
-        finally:
-            response.close()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise ConnectionError(f"the model server at {self.url} stopped answering: {error}") from error
+        self._keep(connection, response)
+        header, blob = unpack(data)
         if "error" in header:
             raise decode_error(header["error"])
         return header, blob
 
     def run(self, body: bytes, observers: list) -> bytes:
         """Send a run request; tell ``observers`` its queue place, start and steps; return the answer's bytes."""
-        response = self.post("run", body)
+        connection, response = self.post("run", body)
         try:
             while True:
                 kind, payload = read_frame(response, self.max_answer_bytes)
                 if kind == STATUS:
                     _tell(observers, json.loads(payload))
                 elif kind == RESULT:
+                    response.read()  # the end of the stream, so the connection can carry the next request
+                    self._keep(connection, response)
                     return payload
                 elif kind == ERROR:
                     raise decode_error(json.loads(payload))
                 else:
                     raise ConnectionError(f"the server sent an unknown frame {kind!r}")
-        finally:
-            response.close()
+        except BaseException:
+            connection.close()
+            raise
 
 
 def _tell(observers: list, status: dict) -> None:
@@ -110,13 +150,15 @@ def _tell(observers: list, status: dict) -> None:
 
 
 class _Skeleton(torch.nn.Module):
-    """A module of the server's model without weights: its class name, ``extra_repr`` and children."""
+    """A module of the server's model without weights: its class name, ``extra_repr``, children, and placeholders
+    of its parameters and buffers (right shape and dtype, one element of memory: the values live on the server)."""
 
     def __init__(self, description: dict):
         super().__init__()
         self._type_name = description["type"]
         self._extra = description.get("extra", "")
         self._leaf_repr = description.get("repr", "")
+        _add_placeholders(self, description)
         for name, child in description["children"]:
             self.add_module(name, skeleton(child))
 
@@ -130,7 +172,11 @@ class _Skeleton(torch.nn.Module):
         return self._leaf_repr or super().__repr__()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(f"{self._type_name}'s weights live on the server; call it inside a trace")
+        """On fake tensors (building a trace: ``lm.lm_head(h)``), the server's fake result; else an error."""
+        remote = self.__dict__.get("_remote")
+        if remote is None or not _all_fake((args, kwargs)):
+            raise NotImplementedError(f"{self._type_name}'s weights live on the server; call it inside a trace")
+        return remote.module_scan(self.__dict__["_path"], args, kwargs)
 
 
 class _SkeletonList(torch.nn.ModuleList, _Skeleton):
@@ -138,8 +184,29 @@ class _SkeletonList(torch.nn.ModuleList, _Skeleton):
         torch.nn.Module.__init__(self)
         self._type_name = description["type"]
         self._extra = self._leaf_repr = ""
+        _add_placeholders(self, description)
         for name, child in description["children"]:
             self.add_module(name, skeleton(child))
+
+
+def _all_fake(value: Any) -> bool:
+    """True when every tensor in ``value`` is a fake tensor (and there is one)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    tensors = [item for item in torch.utils._pytree.tree_leaves(value) if isinstance(item, torch.Tensor)]
+    return bool(tensors) and all(isinstance(item, FakeTensor) for item in tensors)
+
+
+def _add_placeholders(module: torch.nn.Module, description: dict) -> None:
+    """Parameters and buffers of the right shape and dtype that hold no weights (a zero-stride view of one zero),
+    so a trace here gives ``module.weight`` the server's shape; reading their values outside a trace is
+    meaningless, and inside one the server's own tensors are used."""
+    from ..tracing.serialize import _dtype
+    for name, kind, shape, dtype, grad in description.get("tensors", ()):
+        placeholder = torch.zeros((), dtype=_dtype(dtype)).expand(*shape)
+        if kind == "parameter":
+            module.register_parameter(name, torch.nn.Parameter(placeholder, requires_grad=bool(grad)))
+        else:
+            module.register_buffer(name, placeholder)
 
 
 def skeleton(description: dict) -> torch.nn.Module:
@@ -178,13 +245,23 @@ class RemoteModel(NNsight):
         else:
             NNsight.__init__(self, module)
         object.__setattr__(self, "_connection", connection)
+        object.__setattr__(self, "_module_scans", OrderedDict())
+        for path, child in module.named_modules():
+            child.__dict__.update(_remote=self, _path=path)  # plain attributes: the skeleton asks for its shapes
         object.__setattr__(self, "_result_device", device)
         object.__setattr__(self, "_server_device", description.get("device"))
 
     # ------------------------------------------------------------------------------------------ hooks
-    def session(self) -> "RemoteSession":
-        """Several traces that run on the server as one request, later ones using earlier values."""
-        return RemoteSession()
+    def _run_session(self, session: Session) -> None:
+        """Run a session of this model's traces (``with remote.session():``, ``%%session``, ``%session run``)
+        on the server as one request, later traces reading earlier values there."""
+        session.status = "running"
+        try:
+            self._send(session.tracers, encode_request(session.tracers))
+        except BaseException:
+            session.status = "failed"
+            raise
+        session.status = "done"
 
     def _scan(self, prepared: Any, options: dict, step: int = 0) -> ModuleScan | None:
         """The server's fake-tensor scan of this input (cached per input signature)."""
@@ -200,6 +277,22 @@ class RemoteModel(NNsight):
         if len(cache) > SCAN_CACHE_SIZE:
             cache.popitem(last=False)
         return scan
+
+    def module_scan(self, path: str, args: tuple, kwargs: dict) -> Any:
+        """The fake result of the module at ``path`` on fake ``args`` (from the server, cached per signature)."""
+        key = (path, input_signature(args), input_signature(kwargs))
+        cache = self._module_scans
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        fakes = FakeEncoder()
+        body = pack({"path": path, "args": fakes.encode(tuple(args)), "kwargs": fakes.encode(dict(kwargs)),
+                     "storages": fakes.storages})
+        header, _ = self._connection.call("module_scan", body)
+        cache[key] = result = FakeDecoder(header.get("storages", []), device="cpu").decode(header.get("fake"))
+        if len(cache) > SCAN_CACHE_SIZE:
+            cache.popitem(last=False)
+        return result
 
     def _run_elsewhere(self, tracer: Any, bridges: dict | None, keep: frozenset, on_update: Any) -> Any:
         """Run ``tracer`` on the server (``run_trace`` hands remote traces here)."""
@@ -237,24 +330,6 @@ class RemoteModel(NNsight):
 
 class RemoteLanguageModel(RemoteModel, LanguageModel):
     """A remote Hugging Face causal LM: ``trace``, ``generate`` and the tokenizer, as :class:`LanguageModel`."""
-
-
-class RemoteSession(Session):
-    """A session of remote traces: one request runs them all, in order, on the server."""
-
-    def run(self) -> None:
-        models = {id(getattr(tracer.model, "_connection", None)) for tracer in self.tracers}
-        if len(models) != 1 or getattr(self.tracers[0].model, "_connection", None) is None:
-            super().run()
-            return
-        model = self.tracers[0].model
-        self.status = "running"
-        try:
-            model._send(self.tracers, encode_request(self.tracers))
-        except BaseException:
-            self.status = "failed"
-            raise
-        self.status = "done"
 
 
 def _attach_configs(module: torch.nn.Module, description: dict) -> None:

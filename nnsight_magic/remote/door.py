@@ -44,6 +44,7 @@ class _Model:
         self.digest = digest
         self.waiting: list[str] = []
         self.running: str | None = None
+        self.runs = 0  # run requests received (a session is one)
 
 
 class Door:
@@ -78,6 +79,10 @@ class Door:
     async def unregister(self, name: str) -> int:
         self.models.pop(name, None)
         return len(self.models)
+
+    async def runs(self, name: str) -> int:
+        """How many run requests model ``name`` has received (a session of several traces counts once)."""
+        return self.models[name].runs
 
     async def names(self) -> list[str]:
         return sorted(self.models)
@@ -121,11 +126,15 @@ class Door:
             if action == "scan":
                 return Response(await _patiently(lambda: model.worker.scan.remote(body)),
                                 media_type="application/octet-stream")
+            if action == "module_scan":
+                return Response(await _patiently(lambda: model.worker.module_scan.remote(body)),
+                                media_type="application/octet-stream")
         except Exception as error:  # the model actor died for good
             return _json(503, f"the model's worker is unavailable ({type(error).__name__}); try again")
         if action == "run":
+            model.runs += 1
             return StreamingResponse(self._run(model, body), media_type="application/octet-stream")
-        return _json(404, f"unknown action {action!r}; use describe, scan or run")
+        return _json(404, f"unknown action {action!r}; use describe, scan, module_scan or run")
 
     async def _run(self, model: _Model, body: bytes) -> Any:
         request_id = uuid.uuid4().hex

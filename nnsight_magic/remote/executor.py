@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable
 
 from ..intervention.backends import run_trace
+from ..intervention.parameters import ParameterValue, parameter_kind
 from ..intervention.session import Session
 from ..tracing import serialize
 from ..tracing.execution import DONE, Execution
@@ -96,6 +97,8 @@ class Deadline:
 def encode_request(tracers: list, bridges: list[dict] | None = None, keep: list[list[int]] | None = None) -> bytes:
     """The request that runs ``tracers`` (one trace, or a session's traces in order) on the server.
 
+    A ``streamer=`` (the inspector's token stream, or the user's) does not travel: the tokens arrive with the
+    answer, step by step only as ``step_started`` statuses.
     ``bridges`` gives each trace's bridge nodes their values when the earlier trace ran elsewhere (a plain
     ``Session`` that runs trace by trace); ``keep`` the nodes whose values must come back although unsaved.
     """
@@ -106,7 +109,8 @@ def encode_request(tracers: list, bridges: list[dict] | None = None, keep: list[
         traces.append({
             "graph": serialize.dumps(tracer.graph, tensors),
             "invokes": encode_inputs(tracer.invokes, tensors),
-            "options": encode_value(tracer.run_options, tensors),
+            "options": encode_value({key: value for key, value in tracer.run_options.items()
+                                     if key != "streamer"}, tensors),  # a streamer stays here (see below)
             "grad": bool(tracer.needs_grad),
             "bridges": [[key[0], key[1], proxy.node.index] for key, proxy in tracer._bridges.items()
                         if proxy.node.index not in given],
@@ -188,8 +192,16 @@ def decode_request(model: Any, header: dict, blob: bytes) -> list[tuple[ServedTr
 
 
 def check_paths(model: Any, graph: Graph) -> None:
-    """Every module path the graph names exists in this model (else ``ValueError`` naming it)."""
+    """Every module path and parameter the graph names exists in this model (else ``ValueError`` naming it)."""
     for node in graph.nodes:
+        if isinstance(node.target, ParameterValue):
+            try:
+                module = model._submodule(node.target.path)
+            except (KeyError, AttributeError):
+                module = None
+            if module is None or parameter_kind(module, node.target.name) != node.target.kind:
+                raise ValueError(f"node %{node.index} names the {node.target.kind} {node.target.__name__!r}, which "
+                                 "this model does not have; refused")
         if node.op in ("module_output", "module_inputs", "apply_module"):
             try:
                 model._submodule(node.target)

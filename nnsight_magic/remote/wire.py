@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import OutOfOrderError
+from ..intervention.cache import ModuleCache
 from ..tracing import serialize
 from ..tracing.serialize import TensorReader, TensorWriter, decode_value, encode_value, opaque_value, parse_json
 
@@ -87,6 +88,9 @@ def encode_result(value: Any, tensors: TensorWriter, depth: int = 0) -> Any:
         return {"list": [encode_result(item, tensors, depth + 1) for item in value]}
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
         return {"tuple": [encode_result(item, tensors, depth + 1) for item in value]}
+    if isinstance(value, ModuleCache):  # tracer.cache(): path -> output, and .inputs
+        return {"cache": encode_result(dict(value), tensors, depth + 1),
+                "inputs": encode_result(value.inputs, tensors, depth + 1)}
     if isinstance(value, dict):
         items = [[key, encode_result(item, tensors, depth + 1)] for key, item in value.items()
                  if isinstance(key, (str, int))]
@@ -117,6 +121,11 @@ def decode_result(data: Any, tensors: TensorReader, depth: int = 0) -> Any:
             return serialize._model_output(body, items)
         if tag == "opaque":
             return opaque_value(body)
+        if tag == "cache":
+            outputs, inputs = (decode_result(part, tensors, depth + 1) for part in (body, data.get("inputs")))
+            if not isinstance(outputs, dict) or not isinstance(inputs, dict):
+                raise ValueError("a module cache holds two dicts; refused")
+            return ModuleCache(outputs, inputs)
     return decode_value(data, tensors)
 
 

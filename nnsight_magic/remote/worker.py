@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..tracing import serialize
-from ..tracing.serialize import FakeEncoder, TensorReader, TensorWriter, decode_value
+from ..tracing.serialize import FakeDecoder, FakeEncoder, TensorReader, TensorWriter, decode_value
 from .executor import execute
 from .wire import decode_inputs, encode_error, pack, unpack
 
@@ -45,9 +45,13 @@ def load_model(source: dict) -> Any:
 
 
 def module_tree(module: torch.nn.Module) -> dict:
-    """The module tree without weights: each module's class name, ``extra_repr`` and children."""
+    """The module tree without weights: each module's class name, ``extra_repr``, children, and the shape, dtype
+    and kind of its own parameters and buffers (so ``net.layer1.weight`` in a client's trace has a shape)."""
+    tensors = [[name, kind, list(tensor.shape), str(tensor.dtype).replace("torch.", ""), bool(tensor.requires_grad)]
+               for kind, table in (("parameter", module._parameters), ("buffer", module._buffers))
+               for name, tensor in table.items() if tensor is not None]
     return {"type": type(module).__name__, "list": isinstance(module, torch.nn.ModuleList),
-            "extra": module.extra_repr(), "repr": "" if module._modules else repr(module),
+            "extra": module.extra_repr(), "repr": "" if module._modules else repr(module), "tensors": tensors,
             "children": [[name, module_tree(child)] for name, child in module._modules.items() if child is not None]}
 
 
@@ -58,6 +62,7 @@ class ModelWorker:
         self.name = name
         self.door = door
         self.model = load_model(source)
+        self._twins: dict[int, torch.nn.Module] = {}  # fake mode id -> the model's fake twin (module scans)
 
     def ready(self) -> str:
         return self.name
@@ -110,6 +115,32 @@ class ModelWorker:
             "result": fakes.encode(scan.result),
         }
         return pack({"scan": described, "storages": fakes.storages})
+
+    def module_scan(self, body: bytes) -> bytes:
+        """The fake result of calling one module on fake arguments (``lm.lm_head(h)`` in a client's trace).
+
+        The body holds the module's path and its arguments as :class:`FakeEncoder` describes them; the call runs on
+        a fake twin of the model (no real weight is touched, no real memory used), so only shapes come back.
+        """
+        from ..tracing.twin import fake_twin
+        try:
+            header, _ = unpack(body)
+            path = header.get("path")
+            self.model._submodule(path)      # a path this model has, else an error naming it
+            fakes = FakeDecoder(header.get("storages", []), device=str(self.model.device))
+            args, kwargs = fakes.decode(header.get("args")), fakes.decode(header.get("kwargs"))
+            if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+                raise ValueError("a module scan holds args (a tuple) and kwargs (a dict); refused")
+            mode = fakes.mode
+            twin = self._twins.get(id(mode))
+            if twin is None:
+                twin = self._twins[id(mode)] = fake_twin(self.model._module, mode)
+            with mode:
+                result = (twin.get_submodule(path) if path else twin).forward(*args, **kwargs)
+        except Exception as error:
+            return pack({"error": encode_error(error)})
+        encoder = FakeEncoder()
+        return pack({"fake": encoder.encode(result), "storages": encoder.storages})
 
     def run(self, body: bytes, request_id: str, seconds: float, max_bytes: int) -> bytes:
         """Run one request (a trace, or a session's traces) and return the answer's bytes."""

@@ -79,7 +79,9 @@ _PACKAGE_FUNCTIONS = (
     "nnsight_magic.intervention.attention.gpt2_pattern", "nnsight_magic.intervention.attention.llama_pattern",
     "nnsight_magic.magics.runtime.python_and", "nnsight_magic.magics.runtime.python_or",
     "nnsight_magic.magics.runtime.python_not", "nnsight_magic.magics.runtime.format_string",
+    "nnsight_magic.intervention.cache.gather", "nnsight_magic.intervention.cache.by_step",
 )
+PARAMETER_KINDS = ("parameter", "buffer")
 
 
 class AllowList:
@@ -531,6 +533,9 @@ class LoadedNode(Node):
 
 def _target_to_json(node: Node, allow: AllowList) -> Any:
     op, target = node.op, node.target
+    parameter = _parameter_of(target) if op == "call_function" else None
+    if parameter is not None:
+        return {"parameter": parameter}
     if op in ("call_function", "log", "new_list", "cond"):
         return allow.name_of(target)
     if op in ("call_method", "getattr"):
@@ -542,7 +547,29 @@ def _target_to_json(node: Node, allow: AllowList) -> Any:
     return None
 
 
+def _parameter_of(target: Any) -> list | None:
+    """``[path, name, kind]`` of a parameter's node target (``net.layer1.weight`` in a trace), else ``None``."""
+    from ..intervention.parameters import ParameterValue
+    if isinstance(target, ParameterValue):
+        return [target.path, target.name, target.kind]
+    return None
+
+
+def _parameter_from_json(body: Any) -> Any:
+    """The ``ParameterValue`` named ``[path, name, kind]`` (data: which tensor of which module; never code)."""
+    from ..intervention.parameters import ParameterValue
+    if not (isinstance(body, list) and len(body) == 3 and all(isinstance(part, str) for part in body)):
+        raise ValueError(f"a parameter is [module path, name, kind], not {_short(body)}; refused")
+    path, name, kind = body
+    if (path and not all(_PATH_PART.match(part) for part in path.split("."))) or not _NAME.match(name) or \
+            kind not in PARAMETER_KINDS:
+        raise ValueError(f"{_short(body)} does not name a parameter or buffer of a module; refused")
+    return ParameterValue(path, name, kind)
+
+
 def _target_from_json(op: str, target: Any, allow: AllowList) -> Any:
+    if op == "call_function" and isinstance(target, dict) and set(target) == {"parameter"}:
+        return _parameter_from_json(target["parameter"])
     if op in ("call_function", "log", "new_list", "cond"):
         return allow.resolve(target)
     if op in ("call_method", "getattr"):

@@ -145,6 +145,7 @@ class GraphInspector(ipywidgets.VBox):
         self.steps_total: int | None = None
         self.error = ""
         self.details = ""
+        self.request = ""  # a remote trace's request while it waits or runs: "queued (place 2)", "on the server"
         self.elapsed: float | None = None
         self.table = NodeTable([])
         self.tokens: TokenStream | None = None
@@ -213,6 +214,18 @@ class GraphInspector(ipywidgets.VBox):
                     rows[index].status = "pending"
         self._throttle.request()
 
+    def request_status(self, status: str, place: int | None = None) -> None:
+        """A remote trace's request: ``"queued"`` (``place`` in the model's queue, 1 = next) or ``"running"``.
+
+        The header reads ``queued (place 2)``, then ``running on the server`` (with ``step k`` during generation),
+        then ``done`` when the answer is back.
+        """
+        if self.state != "running":
+            self._begin_run()
+        self.request = f"queued (place {place})" if status == "queued" and place is not None else \
+            "running on the server" if status == "running" else str(status or "")
+        self._throttle.request()
+
     def run_finished(self, tracer: Tracer, execution: Execution, error: BaseException | None) -> None:
         """The run ended: final statuses, a summary of every saved value, and what happened if it did not finish.
 
@@ -244,6 +257,7 @@ class GraphInspector(ipywidgets.VBox):
                 rows[execution.failed_at].error = str(error) or type(error).__name__
         else:
             self.state = "done"
+        self.request = ""
         if self._graph is not None:
             self.graph_view.show(self._graph)
             self._graph = None  # the inspector keeps no graph alive after the run
@@ -331,6 +345,8 @@ class GraphInspector(ipywidgets.VBox):
             text = f"{sum(1 for row in rows if row.runs)}/{len(rows)} nodes ran"
         else:
             text = f"{len(rows)} node{'s' if len(rows) != 1 else ''}"
+        if self.request:
+            text = f"{self.request} · {text}"
         if self.tokens is not None and self.tokens.generated:
             text += f" · {len(self.tokens.generated)} token{'s' if len(self.tokens.generated) != 1 else ''}"
         if self.step is not None and (self.steps_total or self.step > 0):
