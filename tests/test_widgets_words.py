@@ -171,6 +171,8 @@ def test_generation_shows_the_tokens_so_far_even_when_the_cell_reads_only_the_re
     with lm.generate("The Eiffel Tower is in", max_new_tokens=4) as tracer:
         inspector = GraphInspector(tracer, update_interval=0)
         inspector.live.observe(lambda change: seen.append(change["new"]), "value")
+        send_patch = inspector.live.patch          # while it runs, updates are patches: the header and changed rows
+        inspector.live.patch = lambda top, rows, heads: (seen.append(top), send_patch(top, rows, heads))
         result = tracer.result.save()
     prompt_length = len(tokenizer("The Eiffel Tower is in")["input_ids"])
     generated = result.value[0, prompt_length:].tolist()

@@ -107,10 +107,12 @@ class ValueSummary:
                  f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg"><title>{title}</title>']
         if self.picture == "histogram":
             tallest = max(self.bins) or 1.0
+            parts.append(f'<g fill="{ACCENT}">')
             for position, value in enumerate(self.bins):
                 bar = height * value / tallest
-                parts.append(f'<rect x="{position * cell:.1f}" y="{height - bar:.1f}" '
-                             f'width="{max(cell - 0.5, 0.5):.1f}" height="{bar:.1f}" fill="{ACCENT}"/>')
+                parts.append(f'<rect x="{position * cell:.4g}" y="{height - bar:.4g}" '
+                             f'width="{max(cell - 0.5, 0.5):.4g}" height="{bar:.4g}"/>')
+            parts.append("</g>")
         else:
             scale = max(abs(self.low), abs(self.high)) or 1.0
             for position, value in enumerate(self.bins):
