@@ -93,6 +93,15 @@ def test_a_loop_over_thirty_layers_folds_into_one_group_per_line(notebook):
     assert len(text) - len(inspector.table.summary_lines()) == 8 and re.search(r"^\s*2\s+×30\s+layers\[i\]\.output → …", text[2])
 
 
+def test_a_numbered_child_of_the_root_reads_as_an_index_of_the_model():
+    net = NNsight(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    with net.trace(torch.rand(2, 4)) as tracer:
+        net[0].output.save()
+        net[1](net[0].output)
+    assert [row.expression for row in GraphInspector(tracer.graph).rows] == \
+        ["model[0].output", "model[1](model[0].output)"]   # one node per value read
+
+
 def test_integers_read_as_integers_and_token_ids_are_decoded():
     tokenizer = tokenizer_or_skip()
     paris = tokenizer.encode(" Paris")[0]
