@@ -44,6 +44,7 @@ from .assets import asset
 from .forecast import MemoryForecast, memory_forecast
 from .table import CSS, FILTER_SCRIPT, STYLE, NodeTable, Row, table_of
 from .throttle import Throttle
+from .viewer_choice import ChosenViewer, choose_viewers
 
 _STATE_TEXT = {
     "building": "building the graph", "running": "running", "done": "done", "failed": "failed",
@@ -145,6 +146,8 @@ class GraphInspector(ipywidgets.VBox):
         live: the widget with the header, the progress bar and the table: the part that changes while the model
             runs (one message per update).
         graph_view: the dependency graph, folded under the table (drawn and sent once, when the run ends).
+        viewers: the viewers chosen for saved values whose kind the graph tells, shown under the inspector after
+            a run that finished (:mod:`~nnsight_magic.widgets.viewer_choice`).
     """
 
     def __init__(self, source: Tracer | Graph, *, title: str = "", update_interval: float = 0.25,
@@ -165,6 +168,7 @@ class GraphInspector(ipywidgets.VBox):
         self.tokens: TokenStream | None = None
         self.memory_warning = memory_warning
         self.forecast: MemoryForecast | None = None
+        self.viewers: list[ChosenViewer] = []
         self._decode: Any = None
         self._sections: list[tuple[StepSet, list[int]]] = []
         self._started = 0.0
@@ -262,6 +266,7 @@ class GraphInspector(ipywidgets.VBox):
                 rows[execution.failed_at].error = str(error) or type(error).__name__
         else:
             self.state = "done"
+            self.viewers = choose_viewers(tracer, execution.values)
         if self._graph is not None:
             self._graph_html = graph_drawing(self._graph, folded=True)
             self._graph = None  # the inspector keeps no graph alive after the run
@@ -271,6 +276,8 @@ class GraphInspector(ipywidgets.VBox):
             self._throttle.cancel()
             self.live.stale = True
             self._handle.update(self.static_bundle(), raw=True)
+            for chosen in self.viewers:
+                display(chosen.viewer)
             return
         self._whole_table = True  # the last update is the whole table: what a view shown later draws
         self._throttle.flush()
@@ -290,8 +297,10 @@ class GraphInspector(ipywidgets.VBox):
         return [f"memory: {self.forecast.describe()}"] + ([warning] if warning else [])
 
     def result_text(self) -> str:
-        """The header and one line per saved value's summary (printed at the end of a run outside notebooks)."""
-        return "\n".join([self._header_text()] + self.table.summary_lines())
+        """The header, one line per saved value's summary, and one per viewer chosen (printed at the end of a run
+        outside notebooks)."""
+        viewers = [f"  {chosen.kind}: {chosen.viewer.text()}" for chosen in self.viewers]
+        return "\n".join([self._header_text()] + self.table.summary_lines() + viewers)
 
     def static_html(self) -> str:
         """The whole inspector as one self-contained HTML fragment: no widget, no kernel needed.
