@@ -294,14 +294,12 @@ def describe_operation(node: Node) -> str:
 
 
 def module_label(path: str) -> str:
-    """``model.layers.5.mlp`` → ``model.layers[5].mlp`` (``model`` for the root, ``model[0]`` for the root's
-    numbered child, as in an ``nn.Sequential``)."""
+    """``model.layers.5.mlp`` → ``model.layers[5].mlp`` (``model`` for the root)."""
     if not path:
         return "model"
-    parts: list[str] = []
+    parts = []
     for part in path.split("."):
-        if part.isdigit():
-            parts = parts or ["model"]
+        if part.isdigit() and parts:
             parts[-1] += f"[{part}]"
         else:
             parts.append(part)
