@@ -45,6 +45,7 @@ class _Model:
         self.waiting: list[str] = []
         self.running: str | None = None
         self.runs = 0  # run requests received (a session is one)
+        self.restarting = False  # the last run killed or lost the actor: wait until Ray has it back
 
 
 class Door:
@@ -181,15 +182,19 @@ class Door:
         import ray
         limits = self.limits
         try:
-            await _patiently(lambda: model.worker.ready.remote())  # a restarting actor: wait until it is back
+            if model.restarting:  # so the time limit counts this request's run, not Ray's restart of the actor
+                await _patiently(lambda: model.worker.ready.remote())
+                model.restarting = False
             return RESULT, await asyncio.wait_for(
                 model.worker.run.remote(body, request_id, limits.seconds, limits.max_response_bytes),
                 limits.seconds + limits.grace_seconds)
         except asyncio.TimeoutError:
+            model.restarting = True
             ray.kill(model.worker, no_restart=False)
             return ERROR, _error("TimeoutError", f"the request ran past the server's limit of {limits.seconds:g} s "
                                                  "and was stopped (the model's worker restarts)")
         except ray.exceptions.RayActorError:
+            model.restarting = True
             return ERROR, _error("RuntimeError", "the model's worker stopped while running this request (Ray is "
                                                  "restarting it); run the trace again")
 
