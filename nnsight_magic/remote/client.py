@@ -22,6 +22,7 @@ import base64
 import http.client
 import json
 import os
+import select
 import tempfile
 import threading
 import time
@@ -43,11 +44,15 @@ from .worker import encode_scan_request
 
 
 class Connection:
-    """HTTP to one model of a server over a kept-alive connection (one per thread).
+    """HTTP to one model of a server over kept-alive connections (one per thread).
 
-    A connection idle for less than :attr:`REUSE_SECONDS` is reused (the door keeps them 30 s); a describe or
-    scan that finds it closed is sent again on a new one, a run never is (it may have started): a restarted server
-    is reached by the next request.
+    ``describe`` goes to the server's front door (``url``); its answer names the model's own door (``direct``),
+    where scans and runs go, with no hop between the two processes. A direct door that cannot be reached is
+    looked up again through the front door (a restarted model actor, or a restarted server); if it still cannot
+    be reached (the front door is behind a tunnel), requests go to the front door, which forwards them.
+    A connection idle for less than :attr:`REUSE_SECONDS` is reused (the doors keep them 30 s) unless its server
+    has closed it; a describe or scan that finds it closed is sent again on a new one, a run never is (it may
+    have started).
     """
 
     REUSE_SECONDS = 10.0
@@ -57,21 +62,30 @@ class Connection:
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"a server URL looks like http://HOST:PORT, not {url!r}")
         self.url, self.name, self.token = url, name, token or ""
-        self.parsed = parsed
+        self.direct: str | None = None  # the model's own door, from describe
         self.timeout = timeout
         self.max_answer_bytes = max_answer_bytes
         self._local = threading.local()
 
-    def _open(self) -> tuple[http.client.HTTPConnection, bool]:
-        """This thread's connection and whether it is a reused one."""
+    def _open(self, url: str) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection to ``url`` and whether it is a reused one (connected either way)."""
         kept, last = getattr(self._local, "connection", None), getattr(self._local, "last", 0.0)
         self._local.connection = None
-        if kept is not None and time.monotonic() - last < self.REUSE_SECONDS:
+        if kept is not None and kept.url == url and time.monotonic() - last < self.REUSE_SECONDS and \
+                _open_and_quiet(kept):
             return kept, True
         if kept is not None:
             kept.close()
-        kind = http.client.HTTPSConnection if self.parsed.scheme == "https" else http.client.HTTPConnection
-        return kind(self.parsed.hostname, self.parsed.port, timeout=self.timeout), False
+        parsed = urllib.parse.urlsplit(url)
+        kind = http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
+        connection = kind(parsed.hostname, parsed.port, timeout=self.timeout)
+        connection.url, connection.prefix = url, parsed.path.rstrip("/")
+        try:
+            connection.connect()
+        except OSError as error:
+            connection.close()
+            raise _Unreachable(str(error)) from error
+        return connection, False
 
     def _keep(self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
         """Keep ``connection`` for the next request once ``response`` is read to its end."""
@@ -81,19 +95,18 @@ class Connection:
             connection.close()
 
     def post(self, action: str, body: bytes) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        path = f"{self.parsed.path.rstrip('/')}/v1/{urllib.parse.quote(self.name, safe='')}/{action}"
-        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/octet-stream"}
-        while True:
-            connection, reused = self._open()
+        for attempt in range(3):
+            url = self.url if action == "describe" or self.direct is None else self.direct
             try:
-                connection.request("POST", path, body=body, headers=headers)
-                response = connection.getresponse()
+                connection, response = self._post(url, action, body)
                 break
-            except (OSError, http.client.HTTPException) as error:
-                connection.close()
-                if reused and action != "run":
-                    continue  # the door closed the idle connection: send again on a new one
-                raise ConnectionError(f"cannot reach the model server at {self.url}: {error}") from error
+            except _Unreachable as error:
+                if url == self.url:
+                    raise ConnectionError(f"cannot reach the model server at {self.url}: {error}") from None
+                if attempt == 0:
+                    self.locate()        # waits while Ray restarts the model's actor
+                else:
+                    self.direct = None   # not reachable from here: through the front door
         if response.status != 200:
             text = response.read()
             connection.close()
@@ -104,6 +117,27 @@ class Connection:
             kind = {401: PermissionError, 404: LookupError, 413: ValueError}.get(response.status, ConnectionError)
             raise kind(f"the model server at {self.url} refused: {message}")
         return connection, response
+
+    def _post(self, url: str, action: str, body: bytes) -> tuple[http.client.HTTPConnection,
+                                                                   http.client.HTTPResponse]:
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/octet-stream"}
+        while True:
+            connection, reused = self._open(url)
+            try:
+                connection.request("POST", f"{connection.prefix}/v1/{urllib.parse.quote(self.name, safe='')}/"
+                                           f"{action}", body=body, headers=headers)
+                return connection, connection.getresponse()
+            except (OSError, http.client.HTTPException) as error:
+                connection.close()
+                if reused and action != "run":
+                    continue  # the door closed the idle connection: send again on a new one
+                raise ConnectionError(f"cannot reach the model server at {url}: {error}") from error
+
+    def locate(self) -> dict:
+        """Describe the model through the front door; remember where its own door is. The description."""
+        header, _ = self.call("describe")
+        self.direct = header.get("url") if isinstance(header.get("url"), str) else None
+        return header
 
     def call(self, action: str, body: bytes = b"") -> tuple[dict, bytes]:
         connection, response = self.post(action, body)
@@ -123,7 +157,11 @@ class Connection:
         connection, response = self.post("run", body)
         try:
             while True:
-                kind, payload = read_frame(response, self.max_answer_bytes)
+                try:
+                    kind, payload = read_frame(response, self.max_answer_bytes)
+                except (OSError, http.client.HTTPException) as error:
+                    raise RuntimeError("the model's worker stopped (or the connection to it broke) while running "
+                                       f"this request ({error}); run the trace again") from None
                 if kind == STATUS:
                     _tell(observers, json.loads(payload))
                 elif kind == RESULT:
@@ -137,6 +175,21 @@ class Connection:
         except BaseException:
             connection.close()
             raise
+
+
+class _Unreachable(Exception):
+    """No connection could be opened (nothing was sent)."""
+
+
+def _open_and_quiet(connection: http.client.HTTPConnection) -> bool:
+    """True when a kept connection's socket is still open and has nothing unread (a closed one reads as ready)."""
+    sock = connection.sock
+    if sock is None:
+        return False
+    try:
+        return not select.select([sock], [], [], 0)[0]
+    except (OSError, ValueError):
+        return False
 
 
 def _tell(observers: list, status: dict) -> None:
@@ -228,7 +281,7 @@ class RemoteModel(NNsight):
     def __new__(cls, url: str, name: str, token: str | None = None, **options: Any) -> "RemoteModel":
         connection = Connection(url, name, token, options.get("timeout", 600.0),
                                 options.get("max_answer_bytes", 1 << 30))
-        description, _ = connection.call("describe")
+        description = connection.locate()
         kind = RemoteLanguageModel if description.get("language") else cls
         instance = object.__new__(kind)
         object.__setattr__(instance, "_pending", (connection, description))

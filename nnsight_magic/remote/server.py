@@ -8,7 +8,9 @@ In [4]: serve(other_lm, name="gpt2", token="t2")              # a second model b
 In [5]: server.shutdown()
 
 The model actor gets one GPU when the cluster has one (``num_gpus``); Ray restarts it if it dies
-(``max_restarts``). The door binds ``127.0.0.1`` unless told otherwise. From a shell:
+(``max_restarts``). The model actor serves scans and runs on a port of its own (no Ray hop per request); the
+front door at ``server.url`` tells clients where (``describe``). Both bind ``host``, ``127.0.0.1`` unless told
+otherwise (with ``0.0.0.0`` the front door names the model's node by its IP). From a shell:
 ``python -m nnsight_magic.serve MODEL --name NAME --token-file F [--address RAY] [--host H] [--port P]``.
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .door import Door, Limits, token_digest
+from .door import Door, Limits, RayCalls, token_digest
 from .worker import ModelWorker
 
 NAMESPACE = "nnsight_magic"
@@ -58,8 +60,8 @@ def serve(model: Any, name: str, token: str, *, host: str = "127.0.0.1", port: i
 
     Args:
         token: the secret clients must send; compared as a SHA-256 digest, never stored in the clear.
-        host, port: where the door listens (a door this process started on ``host`` is reused when ``port`` is
-            ``None``; ``0`` picks a free port).
+        host, port: where the front door listens (a door this process started on ``host`` is reused when
+            ``port`` is ``None``; ``0`` picks a free port); the model's own door listens on ``host`` too.
         address: a Ray cluster to join (``"auto"``, ``"ray://..."``); default: the running one, or a new local one.
         num_gpus: GPUs for the model actor (default: 1 when the cluster has a GPU, else 0).
         num_cpus: CPUs Ray reserves for the model actor (0: it may share a node's CPUs with others).
@@ -74,11 +76,12 @@ def serve(model: Any, name: str, token: str, *, host: str = "127.0.0.1", port: i
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     source = ray.put(_source(model))  # held by the Server: a restarted actor rebuilds the model from it
+    digest = token_digest(token)
     worker = ray.remote(ModelWorker).options(
-        num_cpus=num_cpus, num_gpus=num_gpus,
-        max_restarts=max_restarts, max_concurrency=1).remote(source, name, door)
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+        max_concurrency=1).remote(source, name, door, digest, host, limits or Limits())
     ray.get(worker.ready.remote(), timeout=timeout)
-    ray.get(door.register.remote(name, worker, token_digest(token)), timeout=30)
+    ray.get(door.register.remote(name, RayCalls(worker), digest), timeout=30)
     server = Server(f"http://{host}:{bound}", name, door, worker, host)
     server._source = source
     return server

@@ -1,7 +1,14 @@
 """The model's side of a server: one Ray actor holds the model and answers describe, scan and run requests.
 
-In [1]: worker = ray.remote(ModelWorker).options(max_restarts=3, max_concurrency=1).remote(source, "smol", door)
-In [2]: ray.get(worker.run.remote(request_bytes, "request-id", 60.0, 1 << 28))   # the answer's bytes
+In [1]: worker = ray.remote(ModelWorker).options(max_restarts=3, max_concurrency=1).remote(
+   ...:     source, "smol", door, token_digest("s3cret"), "127.0.0.1", Limits())
+In [2]: ray.get(worker.describe.remote())        # the model's tree, config, tokenizer, and "url": its own door
+In [3]: ray.get(worker.run.remote(request_bytes, "request-id", 60.0, 1 << 28))   # the answer's bytes
+
+Given a token digest, the actor serves HTTP itself: a :class:`~nnsight_magic.remote.door.Door` on a thread of its
+process, for this model only, calling its methods in-process (no Ray hop per request). A restarted actor
+listens on the port its first life had (the front door remembers it). Scans and runs, from either door, go
+through one thread, so they run one at a time.
 
 ``source`` says where the model comes from: a wrapped model handed over by :func:`~nnsight_magic.remote.serve`
 (Ray keeps the argument, so a restarted actor rebuilds the same model), or a hub id, a local directory or
@@ -11,16 +18,20 @@ In [2]: ray.get(worker.run.remote(request_bytes, "request-id", 60.0, 1 << 28))  
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
 import json
 import os
 import tempfile
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import torch
 
 from ..tracing import serialize
 from ..tracing.serialize import FakeDecoder, FakeEncoder, TensorReader, TensorWriter, decode_value
+from .door import Door, Limits, LocalCalls
 from .executor import execute
 from .wire import decode_inputs, encode_error, pack, unpack
 
@@ -56,13 +67,47 @@ def module_tree(module: torch.nn.Module) -> dict:
 
 
 class ModelWorker:
-    """Holds one model; see the module docstring. ``door`` is told each generation step of a running request."""
+    """Holds one model; see the module docstring.
 
-    def __init__(self, source: dict, name: str, door: Any = None):
+    Args:
+        door: the front door (a Ray actor handle): told each generation step of a run it sent, and where this
+            actor's own door listens.
+        digest, host, limits: this actor's own door's token digest, address and limits (no digest: no door).
+    """
+
+    def __init__(self, source: dict, name: str, door: Any = None, digest: str | None = None,
+                 host: str = "127.0.0.1", limits: Limits | None = None):
         self.name = name
         self.door = door
         self.model = load_model(source)
         self._twins: dict[int, torch.nn.Module] = {}  # fake mode id -> the model's fake twin (module scans)
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._own: Door | None = None
+        self.url: str | None = None
+        if digest is not None:
+            self._listen(digest, host, limits or Limits())
+
+    def _listen(self, digest: str, host: str, limits: Limits) -> None:
+        """Start this actor's own door on a thread with its own event loop; tell the front door its URL."""
+        import ray
+        previous = ray.get(self.door.location.remote(self.name), timeout=60) if self.door is not None else None
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="door", daemon=True).start()
+        own = Door(limits)
+        port = None
+        for wanted in ([int(previous.rsplit(":", 1)[1])] if previous else []) + [0]:
+            try:
+                port = asyncio.run_coroutine_threadsafe(own.start(host, wanted), loop).result(60)
+                break
+            except OSError:
+                continue
+        asyncio.run_coroutine_threadsafe(own.register(self.name, LocalCalls(self, self._thread), digest),
+                                         loop).result(60)
+        shown = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::", "") else host
+        self._own = own
+        self.url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
+        if self.door is not None:
+            ray.get(self.door.locate.remote(self.name, self.url), timeout=60)
 
     def ready(self) -> str:
         return self.name
@@ -70,11 +115,16 @@ class ModelWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def runs(self) -> int:
+        """How many run requests this actor's own door has received (since this actor last started)."""
+        own = self._own
+        return own.models[self.name].runs if own is not None else 0
+
     def describe(self) -> bytes:
         """The model's tree, config and tokenizer files: what a client needs to build traces without weights."""
         model = self.model
         module = model._module
-        header: dict = {"name": self.name, "tree": module_tree(module),
+        header: dict = {"name": self.name, "url": self.url, "tree": module_tree(module),
                         "language": hasattr(model, "tokenizer"), "device": str(model.device)}
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "to_json_string"):
@@ -94,6 +144,37 @@ class ModelWorker:
 
     def scan(self, body: bytes) -> bytes:
         """The fake-tensor scan of one input: every module call's shapes, as :class:`FakeEncoder` describes them."""
+        return self._on_model_thread(self._scan, body)
+
+    def module_scan(self, body: bytes) -> bytes:
+        """The fake result of calling one module on fake arguments (``lm.lm_head(h)`` in a client's trace).
+
+        The body holds the module's path and its arguments as :class:`FakeEncoder` describes them; the call runs on
+        a fake twin of the model (no real weight is touched, no real memory used), so only shapes come back.
+        """
+        return self._on_model_thread(self._module_scan, body)
+
+    def run(self, body: bytes, request_id: str, seconds: float, max_bytes: int) -> bytes:
+        """Run one request the front door sent (a trace, or a session's traces); the answer's bytes."""
+        door = self.door
+
+        def on_step(step: int) -> None:
+            if door is not None:  # waited for, so the client hears every step before the answer
+                import ray
+                try:
+                    ray.get(door.step.remote(request_id, step), timeout=5)
+                except ray.exceptions.RayError:
+                    pass
+
+        return self._on_model_thread(self.run_here, body, on_step, seconds, max_bytes)
+
+    def _on_model_thread(self, method: Callable, *args: Any) -> bytes:
+        """``method(*args)`` on the thread every scan and run goes through (a Ray call waits its turn there)."""
+        if threading.current_thread().name.startswith("model"):
+            return method(*args)
+        return self._thread.submit(method, *args).result()
+
+    def _scan(self, body: bytes) -> bytes:
         try:
             header, blob = unpack(body)
             tensors = TensorReader(blob)
@@ -116,12 +197,7 @@ class ModelWorker:
         }
         return pack({"scan": described, "storages": fakes.storages})
 
-    def module_scan(self, body: bytes) -> bytes:
-        """The fake result of calling one module on fake arguments (``lm.lm_head(h)`` in a client's trace).
-
-        The body holds the module's path and its arguments as :class:`FakeEncoder` describes them; the call runs on
-        a fake twin of the model (no real weight is touched, no real memory used), so only shapes come back.
-        """
+    def _module_scan(self, body: bytes) -> bytes:
         from ..tracing.twin import fake_twin
         try:
             header, _ = unpack(body)
@@ -142,22 +218,12 @@ class ModelWorker:
         encoder = FakeEncoder()
         return pack({"fake": encoder.encode(result), "storages": encoder.storages})
 
-    def run(self, body: bytes, request_id: str, seconds: float, max_bytes: int) -> bytes:
-        """Run one request (a trace, or a session's traces) and return the answer's bytes."""
+    def run_here(self, body: bytes, on_step: Callable[[int], None], seconds: float, max_bytes: int) -> bytes:
+        """Run one request on this thread, telling ``on_step`` each generation step; the answer's bytes."""
         try:
             header, blob = unpack(body)
         except ValueError as error:
             return pack({"traces": [], "printed": "", "error": encode_error(error)})
-        door = self.door
-
-        def on_step(step: int) -> None:
-            if door is not None:  # waited for, so the client hears every step before the answer
-                import ray
-                try:
-                    ray.get(door.step.remote(request_id, step), timeout=5)
-                except ray.exceptions.RayError:
-                    pass
-
         return execute(self.model, header, blob, seconds=seconds, on_step=on_step, max_bytes=max_bytes)
 
 

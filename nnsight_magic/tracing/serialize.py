@@ -518,9 +518,26 @@ def opaque_value(name: Any) -> OpaqueValue:
 
 # ------------------------------------------------------------------------------------------------ nodes
 class LoadedNode(Node):
-    """A node read from JSON: it keeps the location and source text of the user's line from where it was built."""
+    """A node read from JSON: it keeps the location and source text of the user's line from where it was built.
 
-    __slots__ = ("_where", "_source")
+    Its fake value is decoded when first read (a server running the graph never reads it: building fake tensors
+    was most of the time a request's decoding took); a malformed one raises ``ValueError`` then.
+    """
+
+    __slots__ = ("_where", "_source", "_fake_data", "_fakes")
+
+    @property
+    def fake(self) -> Any:
+        fakes = self._fakes
+        if fakes is not None:
+            self._fakes = None
+            _FAKE.__set__(self, fakes.decode(self._fake_data))
+        return _FAKE.__get__(self)
+
+    @fake.setter
+    def fake(self, value: Any) -> None:
+        self._fakes = None
+        _FAKE.__set__(self, value)
 
     @property
     def location(self) -> str:
@@ -529,6 +546,9 @@ class LoadedNode(Node):
     @property
     def source_line(self) -> str:
         return self._source
+
+
+_FAKE = Node.fake  # the slot LoadedNode.fake stores its decoded value in
 
 
 def _target_to_json(node: Node, allow: AllowList) -> Any:
@@ -690,7 +710,7 @@ def _load_node(position: int, raw: Any, graph: Graph, tensors: TensorReader, all
     if not isinstance(meta, dict):
         raise ValueError("meta must be a dict; refused")
     node.meta = meta
-    node.fake = fakes.decode(raw.get("fake"))
+    node._fake_data, node._fakes = raw.get("fake"), fakes
     return node
 
 
