@@ -1,11 +1,14 @@
 """Remote models on a real local Ray cluster: remote equals local bit for bit, refusals, faults, queues.
 
 One Ray cluster (loopback only, bounded memory, its own short temp dir) serves a tiny GPT-2 and the tiny
-two-layer net behind one front door for the whole module, and is always shut down.
+two-layer net behind one front door for the whole module, and is always shut down. Clients send scans and runs
+to each model actor's own door (its URL comes with describe); the raw requests below go there too.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import http.client
 import json
 import os
@@ -122,6 +125,13 @@ def test_errors_keep_their_type_and_the_users_line(remote_net, x):
     assert torch.equal(out.value, make_tiny()(x).detach()) and tracer.status == "done"
 
 
+def direct(remote) -> str:
+    """The URL of the model actor's own door, where ``remote`` sends its scans and runs."""
+    url = remote._connection.direct
+    assert url is not None and url != remote._connection.url
+    return url
+
+
 def raw_run(url: str, body: bytes, token: str = TOKEN):
     parsed = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
@@ -180,7 +190,7 @@ def answer_error(data: bytes) -> dict:
         {"args": [{"tensor": "t0"}], "kwargs": {"dict": []}, "rows": 3}]}]}, blob[:-7]), "truncated"),
 ])
 def test_malicious_payloads_are_refused_and_the_server_serves_on(cluster, remote_net, x, change, refused):
-    status, data = raw_run(cluster["net"].url, malicious(good_request(remote_net, x), change))
+    status, data = raw_run(direct(remote_net), malicious(good_request(remote_net, x), change))
     assert status == 200
     error = answer_error(data)
     assert error["type"] == "ValueError" and refused in error["message"]
@@ -189,11 +199,12 @@ def test_malicious_payloads_are_refused_and_the_server_serves_on(cluster, remote
     assert torch.equal(out.value, make_tiny()(x).detach())
 
 
-def test_a_request_over_the_size_limit_and_a_wrong_token_are_refused_before_parsing(cluster):
-    status, data = raw_run(cluster["net"].url, b"x" * 10, token="wrong")
-    assert status == 401
-    status, data = raw_run(cluster["net"].url, b"not even a frame")
-    assert answer_error(data)["type"] == "ValueError"
+def test_a_request_over_the_size_limit_and_a_wrong_token_are_refused_before_parsing(cluster, remote_net):
+    for url in (cluster["net"].url, direct(remote_net)):                  # the front door and the model's own
+        status, data = raw_run(url, b"x" * 10, token="wrong")
+        assert status == 401
+        status, data = raw_run(url, b"not even a frame")
+        assert answer_error(data)["type"] == "ValueError"
 
 
 class StatusLog:
@@ -260,7 +271,7 @@ def test_two_clients_hammering_one_model_get_every_answer_right(cluster, x):
 
 
 def test_a_client_that_disconnects_mid_request_does_not_stop_the_server(cluster, remote_net, x):
-    parsed = urllib.parse.urlsplit(cluster["net"].url)
+    parsed = urllib.parse.urlsplit(direct(remote_net))
     connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
     connection.request("POST", "/v1/net/run", body=good_request(remote_net, x),
                        headers={"Authorization": f"Bearer {TOKEN}"})
@@ -292,6 +303,7 @@ def test_a_killed_model_actor_fails_its_request_clearly_and_restarts(cluster, re
         except BaseException as error:
             failure.append(error)
 
+    url, pid = direct(remote_lm), ray.get(cluster["gpt2"].worker.pid.remote())
     thread = threading.Thread(target=long_generation)
     thread.start()
     assert signal.started.wait(timeout=60)
@@ -300,6 +312,8 @@ def test_a_killed_model_actor_fails_its_request_clearly_and_restarts(cluster, re
     assert failure and isinstance(failure[0], RuntimeError) and "worker stopped" in str(failure[0])
     with remote_lm.trace("Hello world"):
         h = remote_lm.transformer.h[1].output.save()
+    # the restarted actor (a new process) listens where the first one did
+    assert ray.get(cluster["gpt2"].worker.pid.remote()) != pid and direct(remote_lm) == url
     local = LanguageModel(make_tiny_gpt2(), tokenizer=remote_lm.tokenizer)
     with local.trace("Hello world"):
         expected = local.transformer.h[1].output.save()
@@ -353,10 +367,10 @@ def test_the_inspector_shows_the_requests_place_its_steps_and_done(remote_lm, ca
 
 
 def test_a_session_is_one_request_in_python_and_in_the_session_magic(cluster, remote_net, ip, x):
-    door = cluster["net"].door
+    worker = cluster["net"].worker
 
-    def runs():
-        return ray.get(door.runs.remote("net"))
+    def runs():  # run requests the model actor's own door received
+        return ray.get(worker.runs.remote())
 
     twin = make_tiny()
     expected = twin.layer2(twin.layer1(x)).detach()  # the second trace runs on the first one's layer1 output
@@ -387,3 +401,109 @@ def test_a_module_called_on_a_traced_value_has_its_shape_from_the_server(remote_
     with local.trace("Hello world"):
         expected = local.lm_head(local.transformer.ln_f(local.transformer.h[0].output[0])).argmax(-1).save()
     assert torch.equal(top.value, expected.value)
+
+
+def test_runs_reach_the_model_actor_without_the_front_door(cluster, x):
+    server = cluster["net"]
+    net = RemoteModel(server.url, "net", token=TOKEN)
+    url = direct(net)
+    assert urllib.parse.urlsplit(url).hostname == "127.0.0.1" and url != server.url
+    front, own = ray.get(server.door.runs.remote("net")), ray.get(server.worker.runs.remote())
+    with net.trace(x * 3):
+        out = net.output.save()
+    assert torch.equal(out.value, make_tiny()(x * 3).detach())
+    assert ray.get(server.door.runs.remote("net")) == front and ray.get(server.worker.runs.remote()) == own + 1
+
+
+def test_a_client_that_cannot_reach_the_model_actors_door_goes_through_the_front_door(cluster, x):
+    server = cluster["net"]
+    net = RemoteModel(server.url, "net", token=TOKEN)
+    connection = net._connection
+    connection.direct = "http://127.0.0.1:1"                        # stale: looked up again through the front door
+    with net.trace(x):
+        first = net.output.save()
+    assert connection.direct == direct(net) != "http://127.0.0.1:1"
+    connection.locate = lambda: setattr(connection, "direct", "http://127.0.0.1:1")   # say, behind a tunnel
+    front = ray.get(server.door.runs.remote("net"))
+    with net.trace(x * 2):
+        second = net.output.save()
+    assert connection.direct is None and ray.get(server.door.runs.remote("net")) == front + 1
+    twin = make_tiny()
+    assert torch.equal(first.value, twin(x).detach()) and torch.equal(second.value, twin(x * 2).detach())
+
+
+def test_a_second_client_hears_its_place_in_the_model_actors_queue(cluster, remote_lm):
+    other = RemoteModel(cluster["gpt2"].url, "gpt2", token=TOKEN)
+    with other.trace("Hello"):                                     # its scan now, so only its run waits below
+        other.transformer.h[1].output.save()
+    signal, failure = StepSignal(), []
+
+    def long_generation():
+        try:
+            with remote_lm.generate("Hello", max_new_tokens=100) as tracer:
+                tracer.observers.append(signal)
+                with tracer.all():
+                    remote_lm.transformer.h[0].output.sum()
+        except BaseException as error:
+            failure.append(error)
+
+    thread = threading.Thread(target=long_generation)
+    thread.start()
+    assert signal.started.wait(timeout=60)
+    log = StatusLog()
+    with other.trace("Hello") as tracer:
+        tracer.observers.append(log)
+        h = other.transformer.h[1].output.save()
+    thread.join(timeout=60)
+    assert not failure and log.events[:2] == [("queued", 1), ("running", None)]
+    local = LanguageModel(make_tiny_gpt2(), tokenizer=other.tokenizer)
+    with local.trace("Hello"):
+        expected = local.transformer.h[1].output.save()
+    assert torch.equal(h.value, expected.value)
+
+
+class Stuck:
+    """A model worker whose run never ends on its own (until ``release``)."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def describe(self):
+        return pack({})
+
+    def run_here(self, body, on_step, seconds, max_bytes):
+        on_step(0)
+        self.release.wait(30)
+        return pack({"traces": [], "printed": ""})
+
+
+def test_a_run_past_the_time_limit_gets_its_timeout_frame_before_the_model_process_ends():
+    from nnsight_magic.remote.door import Door, Limits, LocalCalls, token_digest
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def wait(coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(30)
+
+    stuck, ended, thread = Stuck(), threading.Event(), concurrent.futures.ThreadPoolExecutor(1)
+    door = Door(Limits(seconds=0.2, grace_seconds=0.1))
+    port = wait(door.start("127.0.0.1", 0))
+    try:
+        wait(door.register("stuck", LocalCalls(stuck, thread, end=ended.set), token_digest("t")))
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("POST", "/v1/stuck/run", body=b"x", headers={"Authorization": "Bearer t"})
+        data = connection.getresponse().read()
+        connection.close()
+        assert ended.wait(10)                                       # the process would end now, the frame sent
+        frames = []
+        while data:
+            length = struct.unpack("<I", data[1:5])[0]
+            frames.append((data[:1], json.loads(data[5:5 + length])))
+            data = data[5 + length:]
+        assert frames[:2] == [(b"s", {"status": "running"}), (b"s", {"status": "step", "step": 0})]
+        assert frames[2][0] == b"e" and frames[2][1]["type"] == "TimeoutError" and len(frames) == 3
+    finally:
+        stuck.release.set()
+        wait(door.stop())
+        thread.shutdown()
+        loop.call_soon_threadsafe(loop.stop)
