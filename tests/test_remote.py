@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import struct
 import tempfile
 import threading
@@ -431,6 +432,34 @@ def test_a_client_that_cannot_reach_the_model_actors_door_goes_through_the_front
     assert connection.direct is None and ray.get(server.door.runs.remote("net")) == front + 1
     twin = make_tiny()
     assert torch.equal(first.value, twin(x).detach()) and torch.equal(second.value, twin(x * 2).detach())
+
+
+def test_a_door_that_cannot_prove_it_serves_the_model_never_sees_the_token(cluster, x):
+    seen, ready = [], threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def impostor():  # answers every request with a wrong proof, recording what it was sent
+        ready.set()
+        client, _ = listener.accept()
+        with client:
+            seen.append(client.recv(65536))
+            client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnope")
+            client.recv(65536)
+
+    thread = threading.Thread(target=impostor, daemon=True)
+    thread.start()
+    ready.wait(10)
+    net = RemoteModel(cluster["net"].url, "net", token=TOKEN)
+    connection = net._connection
+    connection.direct = f"http://127.0.0.1:{port}"                   # e.g. a tunnelled port that is something else
+    try:
+        with net.trace(x):
+            out = net.output.save()
+    finally:
+        listener.close()
+    assert torch.equal(out.value, make_tiny()(x).detach()) and connection.direct == direct(net)
+    assert seen and b"/v1/net/hello" in seen[0] and TOKEN.encode() not in b"".join(seen)
 
 
 def test_a_second_client_hears_its_place_in_the_model_actors_queue(cluster, remote_lm):

@@ -19,9 +19,12 @@ twin); the tree's parameters are weightless placeholders, so ``remote.layer1.wei
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import http.client
 import json
 import os
+import secrets
 import select
 import tempfile
 import threading
@@ -47,7 +50,9 @@ class Connection:
     """HTTP to one model of a server over kept-alive connections (one per thread).
 
     ``describe`` goes to the server's front door (``url``); its answer names the model's own door (``direct``),
-    where scans and runs go, with no hop between the two processes. A direct door that cannot be reached is
+    where scans and runs go, with no hop between the two processes. Each new connection to it first checks that it
+    serves this model (``hello``: an HMAC keyed by the token's digest), so the token goes nowhere else (a
+    tunnelled ``127.0.0.1`` port may belong to anything on this machine). A direct door that cannot be reached is
     looked up again through the front door (a restarted model actor, or a restarted server); if it still cannot
     be reached (the front door is behind a tunnel), requests go to the front door, which forwards them.
     A connection idle for less than :attr:`REUSE_SECONDS` is reused (the doors keep them 30 s) unless its server
@@ -82,10 +87,24 @@ class Connection:
         connection.url, connection.prefix = url, parsed.path.rstrip("/")
         try:
             connection.connect()
-        except OSError as error:
+            if url != self.url:
+                self._check(connection)
+        except (OSError, http.client.HTTPException) as error:
             connection.close()
             raise _Unreachable(str(error)) from error
         return connection, False
+
+    def _check(self, connection: http.client.HTTPConnection) -> None:
+        """``ConnectionError`` unless the door at the other end proves it knows this model's token digest."""
+        challenge = secrets.token_hex(16)
+        connection.request("POST", f"{connection.prefix}/v1/{urllib.parse.quote(self.name, safe='')}/hello",
+                           body=b"", headers={"X-Challenge": challenge})
+        response = connection.getresponse()
+        answer = response.read()
+        key = hashlib.sha256(self.token.encode()).hexdigest().encode()
+        expected = hmac.new(key, challenge.encode(), "sha256").hexdigest().encode()
+        if response.status != 200 or response.will_close or not hmac.compare_digest(answer, expected):
+            raise ConnectionError(f"{connection.url} does not prove it serves model {self.name!r}")
 
     def _keep(self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
         """Keep ``connection`` for the next request once ``response`` is read to its end."""

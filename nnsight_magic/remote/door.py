@@ -9,7 +9,9 @@ Each model actor also runs a door of its own, for its model only, on a thread of
 clients send scans and runs there. The front door still runs them, through Ray, for a client that cannot reach
 the model's own door (behind a tunnel to the front door's port).
 
-Routes (``POST``, ``Authorization: Bearer TOKEN``): ``/v1/NAME/describe``, ``/v1/NAME/scan``, ``/v1/NAME/run``.
+Routes (``POST``, ``Authorization: Bearer TOKEN``): ``/v1/NAME/describe``, ``/v1/NAME/scan``, ``/v1/NAME/run``;
+``/v1/NAME/hello`` (no token) answers ``HMAC-SHA256(sha256(token), X-Challenge)``, so a client can check that a
+door it was pointed to serves the model before it sends the token there.
 The token is checked before the body is read (401), then the body's size (413). Requests to one model queue in
 arrival order; ``run`` answers with a stream of frames (:func:`~nnsight_magic.remote.wire.frame`): the request's
 place in the queue while it waits, ``running``, each generation step, then the answer (or the error). A run
@@ -197,6 +199,9 @@ class Door:
         model = self.models.get(name)
         if model is None:
             return _json(404, f"this server has no model named {name!r}; it serves: {', '.join(sorted(self.models))}")
+        if action == "hello":  # a door proves it serves this model without seeing the token (the client checks)
+            challenge = request.headers.get("x-challenge", "")[:128].encode()
+            return Response(hmac.new(model.digest.encode(), challenge, "sha256").hexdigest(), media_type="text/plain")
         given = request.headers.get("authorization", "")
         token = given[7:] if given.startswith("Bearer ") else ""
         if not hmac.compare_digest(token_digest(token), model.digest):
