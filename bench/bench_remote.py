@@ -6,7 +6,8 @@ The model is GPT-2-small-shaped where it matters for the wire (``n_embd=768``, 1
 vocabulary, random weights), the input 32 tokens, and each trace saves ``transformer.h[0]``'s output
 (1×32×768 float32, 96 KiB back). Local and remote traces alternate in shuffled rounds; the overhead is the
 paired difference. Times are wall-clock (the work happens in other processes). Throughput: 1, 2 and 4 client
-threads, each with its own ``RemoteModel``, sending traces to the one model actor.
+threads, each with its own ``RemoteModel``, sending traces to the one model actor (to its own HTTP door, which the
+front door names; no Ray call per trace).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``python -m nnsight_magic.serve MODEL --name NAME --token-file F``: serve a model until Ctrl-C.
 
-    $ python -m nnsight_magic.serve embedded --name smol --token-file ~/.smol-token --port 8737
-    serving 'smol' at http://127.0.0.1:8737 (Ctrl-C stops it)
+    $ python -m nnsight_magic.serve embedded --name smol --token-file ~/.smol-token --port 8737 --model-port 8738
+    serving 'smol' at http://127.0.0.1:8737, runs at http://127.0.0.1:8738 (Ctrl-C stops it)
 
 MODEL is a hub id, a local directory, or ``embedded`` (SmolLM2-135M, no hub needed). The model loads inside a Ray
 actor (on a GPU when the cluster has one; across a node's GPUs with ``device_map="auto"`` when it has several).
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--address", default=None, help="a Ray cluster to join (default: start a local one)")
     parser.add_argument("--host", default="127.0.0.1", help="where the HTTP door listens (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="the door's port (default: a free one)")
+    parser.add_argument("--model-port", type=int, default=0,
+                        help="the port of the model actor's own door, where runs go (default: a free one)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local cluster (default: all)")
     parser.add_argument("--object-store-mb", type=int, default=None,
                         help="object store of a local cluster, in MiB (default: Ray's)")
@@ -46,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
                  object_store_memory=options.object_store_mb << 20 if options.object_store_mb else None,
                  _temp_dir=options.temp_dir)
     server = serve(options.model, name=options.name, token=token, host=options.host, port=options.port,
-                   address=options.address)
-    print(f"serving {options.name!r} at {server.url} (Ctrl-C stops it)", flush=True)
+                   address=options.address, model_port=options.model_port)
+    print(f"serving {options.name!r} at {server.url}, runs at {server.model_url} (Ctrl-C stops it)", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

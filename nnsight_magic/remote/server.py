@@ -27,10 +27,14 @@ _doors: dict[str, tuple[Any, int]] = {}  # host -> (door actor, port) started by
 
 
 class Server:
-    """A model being served: ``url`` to connect to, ``shutdown()`` to stop it (and the door, if it was the last)."""
+    """A model being served: ``url`` to connect to, ``shutdown()`` to stop it (and the door, if it was the last).
 
-    def __init__(self, url: str, name: str, door: Any, worker: Any, host: str):
+    ``model_url`` is the model actor's own door, where clients send scans and runs (``describe`` tells them).
+    """
+
+    def __init__(self, url: str, name: str, door: Any, worker: Any, host: str, model_url: str | None = None):
         self.url = url
+        self.model_url = model_url
         self.name = name
         self.door = door
         self.worker = worker
@@ -55,13 +59,14 @@ class Server:
 
 def serve(model: Any, name: str, token: str, *, host: str = "127.0.0.1", port: int | None = None,
           address: str | None = None, num_gpus: float | None = None, num_cpus: float = 0, max_restarts: int = 3,
-          limits: Limits | None = None, timeout: float = 300.0) -> Server:
+          limits: Limits | None = None, timeout: float = 300.0, model_port: int = 0) -> Server:
     """Serve ``model`` (an ``NNsight``/``LanguageModel``, or a hub id, directory or ``"embedded"``) as ``name``.
 
     Args:
         token: the secret clients must send; compared as a SHA-256 digest, never stored in the clear.
         host, port: where the front door listens (a door this process started on ``host`` is reused when
-            ``port`` is ``None``; ``0`` picks a free port); the model's own door listens on ``host`` too.
+            ``port`` is ``None``; ``0`` picks a free port); the model's own door listens on ``host`` too, on
+            ``model_port`` (``0``: a free one; a client that cannot reach it goes through the front door).
         address: a Ray cluster to join (``"auto"``, ``"ray://..."``); default: the running one, or a new local one.
         num_gpus: GPUs for the model actor (default: 1 when the cluster has a GPU, else 0).
         num_cpus: CPUs Ray reserves for the model actor (0: it may share a node's CPUs with others).
@@ -79,10 +84,11 @@ def serve(model: Any, name: str, token: str, *, host: str = "127.0.0.1", port: i
     digest = token_digest(token)
     worker = ray.remote(ModelWorker).options(
         num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-        max_concurrency=1).remote(source, name, door, digest, host, limits or Limits())
+        max_concurrency=1).remote(source, name, door, digest, host, limits or Limits(), model_port)
     ray.get(worker.ready.remote(), timeout=timeout)
     ray.get(door.register.remote(name, RayCalls(worker), digest), timeout=30)
-    server = Server(f"http://{host}:{bound}", name, door, worker, host)
+    server = Server(f"http://{host}:{bound}", name, door, worker, host,
+                    ray.get(door.location.remote(name), timeout=30))
     server._source = source
     return server
 

@@ -72,11 +72,12 @@ class ModelWorker:
     Args:
         door: the front door (a Ray actor handle): told each generation step of a run it sent, and where this
             actor's own door listens.
-        digest, host, limits: this actor's own door's token digest, address and limits (no digest: no door).
+        digest, host, limits, port: this actor's own door's token digest, address, limits and port (no digest:
+            no door; port ``0``: a free one).
     """
 
     def __init__(self, source: dict, name: str, door: Any = None, digest: str | None = None,
-                 host: str = "127.0.0.1", limits: Limits | None = None):
+                 host: str = "127.0.0.1", limits: Limits | None = None, port: int = 0):
         self.name = name
         self.door = door
         self.model = load_model(source)
@@ -85,22 +86,22 @@ class ModelWorker:
         self._own: Door | None = None
         self.url: str | None = None
         if digest is not None:
-            self._listen(digest, host, limits or Limits())
+            self._listen(digest, host, limits or Limits(), port)
 
-    def _listen(self, digest: str, host: str, limits: Limits) -> None:
+    def _listen(self, digest: str, host: str, limits: Limits, port: int) -> None:
         """Start this actor's own door on a thread with its own event loop; tell the front door its URL."""
         import ray
         previous = ray.get(self.door.location.remote(self.name), timeout=60) if self.door is not None else None
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, name="door", daemon=True).start()
         own = Door(limits)
-        port = None
-        for wanted in ([int(previous.rsplit(":", 1)[1])] if previous else []) + [0]:
+        for wanted in dict.fromkeys(([int(previous.rsplit(":", 1)[1])] if previous else []) + [port, 0]):
             try:
                 port = asyncio.run_coroutine_threadsafe(own.start(host, wanted), loop).result(60)
                 break
             except OSError:
-                continue
+                if wanted == 0:
+                    raise
         asyncio.run_coroutine_threadsafe(own.register(self.name, LocalCalls(self, self._thread), digest),
                                          loop).result(60)
         shown = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::", "") else host
