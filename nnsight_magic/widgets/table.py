@@ -90,7 +90,7 @@ CSS = f"""
 _STATUS_CLASSES = {status: f" s-{status.replace(' ', '-')}" for status in _STATUS_MARKS if status}
 CSS += "".join(f".nnsight-inspector .kind.k-{kind.name} {{ background: {kind.colour}; }}\n" for kind in KINDS)
 CSS += f".nnsight-inspector .kind.saved {{ outline: 1.5px solid {theme.SAVED}; }}\n"
-CSS += "".join(f".nnsight-inspector td.status{css_class} {{ color: {theme.status_colour(status)}; }}\n"
+CSS += "".join(f".nnsight-inspector td.status.{css_class.strip()} {{ color: {theme.status_colour(status)}; }}\n"
                for status, css_class in _STATUS_CLASSES.items())
 STYLE = f"<style>{CSS}</style>"
 
