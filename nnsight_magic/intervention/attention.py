@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from ..tracing.node import user_line
 from .envoy import Envoy
+from .pattern_edits import assign_pattern, current_pattern
 
 
 def probabilities(query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float) -> torch.Tensor:
@@ -47,19 +49,52 @@ def _hidden_and_mask(inputs: tuple[tuple, dict]) -> tuple[torch.Tensor, Any, dic
     return hidden, kwargs.get("attention_mask"), kwargs
 
 
+def cached(inputs: tuple[tuple, dict], layer: int, part: str, batch: int) -> torch.Tensor | None:
+    """This layer's cached ``keys`` or ``values`` before the current call (``None`` when nothing is cached yet).
+
+    Read when the module is called (its input hook), before the module adds this call's keys to the cache.
+    Hugging Face passes the cache as ``cache=`` (``past_key_values=`` before transformers 5.40).
+    """
+    kwargs = inputs[1]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return None
+    cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache: the self-attention part
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer >= len(layers) or not layers[layer].is_initialized:
+        return None
+    entry = layers[layer]
+    if "Sliding" in type(entry).__name__ or not hasattr(entry, "get_seq_length"):
+        raise TypeError(f"attention patterns at decoding steps read the key/value cache, and a "
+                        f"{type(entry).__name__} cache is not supported; generate with the default dynamic cache")
+    length = entry.get_seq_length()
+    if length == 0:
+        return None
+    stored = getattr(entry, part)[:, :, :length]
+    if stored.shape[0] != batch:
+        raise ValueError(f"the key/value cache holds {stored.shape[0]} rows but this value has {batch}: read "
+                         "`.pattern` at decoding steps for the whole batch (outside `tracer.invoke`, or with one "
+                         "invoke)")
+    return stored
+
+
+def _with_past(inputs: tuple[tuple, dict], layer: int, part: str, new: torch.Tensor) -> torch.Tensor:
+    return _joined(cached(inputs, layer, part, new.shape[0]), new)
+
+
 def gpt2_pattern(inputs: tuple[tuple, dict], weight: torch.Tensor, bias: torch.Tensor, heads: int,
-                 scaling: float) -> torch.Tensor:
+                 scaling: float, layer: int = 0) -> torch.Tensor:
     """The pattern of a GPT-2 attention module (``c_attn`` is a Conv1D: ``x @ weight + bias``)."""
     hidden, mask, _ = _hidden_and_mask(inputs)
     width = hidden.shape[-1]
-    query, key, _ = (hidden @ weight + bias).split(width, dim=2)
+    query, key = (hidden @ weight[:, :2 * width] + bias[:2 * width]).split(width, dim=2)
     query = query.view(*query.shape[:-1], heads, -1).transpose(1, 2)
-    key = key.view(*key.shape[:-1], heads, -1).transpose(1, 2)
+    key = _with_past(inputs, layer, "keys", key.view(*key.shape[:-1], heads, -1).transpose(1, 2))
     return probabilities(query, key, mask, scaling)
 
 
 def llama_pattern(inputs: tuple[tuple, dict], q_weight: torch.Tensor, q_bias: Any, k_weight: torch.Tensor,
-                  k_bias: Any, head_dim: int, groups: int, scaling: float) -> torch.Tensor:
+                  k_bias: Any, head_dim: int, groups: int, scaling: float, layer: int = 0) -> torch.Tensor:
     """The pattern of a Llama-style attention module: rotary embeddings, ``groups`` query heads per key head."""
     hidden, mask, kwargs = _hidden_and_mask(inputs)
     shape = (*hidden.shape[:-1], -1, head_dim)
@@ -68,8 +103,50 @@ def llama_pattern(inputs: tuple[tuple, dict], q_weight: torch.Tensor, q_bias: An
     cos, sin = kwargs["position_embeddings"]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     query, key = query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
-    key = key.repeat_interleave(groups, dim=1)
+    key = _with_past(inputs, layer, "keys", key).repeat_interleave(groups, dim=1)
     return probabilities(query, key, mask, scaling)
+
+
+def past_values(inputs: tuple[tuple, dict], layer: int) -> torch.Tensor | None:
+    """This layer's cached values before the current call (read at its input hook, before the cache grows)."""
+    hidden, _, _ = _hidden_and_mask(inputs)
+    return cached(inputs, layer, "values", hidden.shape[0])
+
+
+def gpt2_edited_output(inputs: tuple[tuple, dict], past: Any, pattern: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
+                       heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GPT-2 attention module's output ``(attn_output, pattern)`` when its probabilities are ``pattern``."""
+    hidden, _, _ = _hidden_and_mask(inputs)
+    width = hidden.shape[-1]
+    value = hidden @ weight[:, 2 * width:] + bias[2 * width:]
+    value = _joined(past, value.view(*value.shape[:-1], heads, -1).transpose(1, 2))
+    return _mix(pattern, value) @ out_weight + out_bias, pattern
+
+
+def llama_edited_output(inputs: tuple[tuple, dict], past: Any, pattern: torch.Tensor, weight: torch.Tensor,
+                        bias: Any, out_weight: torch.Tensor, out_bias: Any, head_dim: int,
+                        groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Llama-style attention module's output ``(attn_output, pattern)`` when its probabilities are ``pattern``."""
+    hidden, _, _ = _hidden_and_mask(inputs)
+    value = torch.nn.functional.linear(hidden, weight, bias).view(*hidden.shape[:-1], -1, head_dim).transpose(1, 2)
+    value = _joined(past, value).repeat_interleave(groups, dim=1)
+    return torch.nn.functional.linear(_mix(pattern, value), out_weight, out_bias), pattern
+
+
+def _joined(past: Any, new: torch.Tensor) -> torch.Tensor:
+    return new if past is None else torch.cat([past.to(new.dtype), new], dim=-2)
+
+
+def _mix(pattern: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``pattern @ value`` with the heads merged back: ``(batch, query, heads * head_dim)``."""
+    if not isinstance(pattern, torch.Tensor) or pattern.shape[-1] != value.shape[-2] or \
+            pattern.shape[1] != value.shape[1]:
+        shape = tuple(pattern.shape) if isinstance(pattern, torch.Tensor) else type(pattern).__name__
+        raise ValueError(f"the pattern assigned has shape {shape}, but this call attends over {value.shape[1]} "
+                         f"heads and {value.shape[-2]} keys: give it the shape of `.pattern`")
+    mixed = torch.matmul(pattern.to(value.dtype), value).transpose(1, 2)
+    return mixed.reshape(*mixed.shape[:2], -1)
 
 
 def _rotate_half(value: torch.Tensor) -> torch.Tensor:
@@ -78,24 +155,62 @@ def _rotate_half(value: torch.Tensor) -> torch.Tensor:
 
 
 class AttentionEnvoy(Envoy):
-    """The Envoy of an attention module: ``.pattern`` (see the module docstring)."""
+    """The Envoy of an attention module: ``.pattern``, read and edited (see the module docstring)."""
 
     @property
     def pattern(self) -> Any:
         """``(batch, heads, query, key)`` attention probabilities of this module's current call."""
         tracer = self._tracer("read .pattern")
-        module = self._module
-        inputs = self.inputs
+        return current_pattern(tracer, tracer._key(self._path, "pattern"), self._read_pattern, self._use_pattern)
+
+    @pattern.setter
+    def pattern(self, value: Any) -> None:
+        tracer = self._tracer("set .pattern")
+        assign_pattern(tracer, tracer._key(self._path, "pattern"), value, self._use_pattern)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "pattern" and "pattern" not in self._module._modules:
+            object.__setattr__(self, name, value)  # the property setter above
+        else:
+            super().__setattr__(name, value)
+
+    def _read_pattern(self) -> Any:
+        tracer, module = self._tracer("read .pattern"), self._module
+        layer = getattr(module, "layer_idx", None) or 0
         if hasattr(module, "c_attn"):
-            return tracer.apply(gpt2_pattern, inputs, self.c_attn.weight, self.c_attn.bias, module.num_heads,
-                                module.scaling)
+            return tracer.apply(gpt2_pattern, self.inputs, self.c_attn.weight, self.c_attn.bias, module.num_heads,
+                                module.scaling, layer)
         if hasattr(module, "q_proj") and hasattr(module, "k_proj"):
-            q_bias = self.q_proj.bias if module.q_proj.bias is not None else None
-            k_bias = self.k_proj.bias if module.k_proj.bias is not None else None
-            return tracer.apply(llama_pattern, inputs, self.q_proj.weight, q_bias, self.k_proj.weight, k_bias,
-                                module.head_dim, module.num_key_value_groups, module.scaling)
-        raise AttributeError(f"{self._label} ({type(module).__name__}): attention patterns are recomputed for "
-                             "GPT-2-style (c_attn) and Llama-style (q_proj/k_proj) attention only")
+            return tracer.apply(llama_pattern, self.inputs, self.q_proj.weight, self._bias("q_proj"),
+                                self.k_proj.weight, self._bias("k_proj"), module.head_dim,
+                                module.num_key_value_groups, module.scaling, layer)
+        raise AttributeError(f"{user_line()}: {self._label} ({type(module).__name__}): attention patterns are "
+                             "recomputed for GPT-2-style (c_attn) and Llama-style (q_proj/k_proj) attention only")
+
+    def _use_pattern(self, pattern: Any) -> None:
+        """This call's output becomes eager attention's output with ``pattern`` (see :mod:`.pattern_edits`)."""
+        tracer, module = self._tracer("set .pattern"), self._module
+        dropout = getattr(module, "attn_dropout", None)
+        rate = dropout.p if isinstance(dropout, torch.nn.Dropout) else getattr(module, "attention_dropout", 0.0)
+        if module.training and rate:
+            raise RuntimeError(f"{user_line()}: {self._label} is in training mode with attention dropout {rate}; an "
+                               "edited pattern is applied without dropout: call `model.eval()` first")
+        if getattr(module, "is_cross_attention", False):
+            raise NotImplementedError(f"{user_line()}: editing the pattern of cross-attention is not supported")
+        layer = getattr(module, "layer_idx", None) or 0
+        inputs = self.inputs
+        past = tracer.apply(past_values, inputs, layer)  # read when the module is called, before the cache grows
+        if hasattr(module, "c_attn"):
+            output = tracer.apply(gpt2_edited_output, inputs, past, pattern, self.c_attn.weight, self.c_attn.bias,
+                                  self.c_proj.weight, self.c_proj.bias, module.num_heads)
+        else:
+            output = tracer.apply(llama_edited_output, inputs, past, pattern, self.v_proj.weight,
+                                  self._bias("v_proj"), self.o_proj.weight, self._bias("o_proj"), module.head_dim,
+                                  module.num_key_value_groups)
+        self.output = output
+
+    def _bias(self, name: str) -> Any:
+        return getattr(self, name).bias if getattr(self._module, name).bias is not None else None
 
 
 def attention_envoys() -> dict[type, type]:
