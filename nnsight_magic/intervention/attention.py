@@ -53,24 +53,30 @@ def cached(inputs: tuple[tuple, dict], layer: int, part: str, batch: int) -> tor
     """This layer's cached ``keys`` or ``values`` before the current call (``None`` when nothing is cached yet).
 
     Read when the module is called (its input hook), before the module adds this call's keys to the cache.
-    Hugging Face passes the cache as ``cache=`` (``past_key_values=`` before transformers 5.40).
+    Hugging Face passes the cache as ``cache=`` (``past_key_values=`` / ``past_key_value=`` in earlier versions).
     """
     kwargs = inputs[1]
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = next((kwargs[name] for name in ("cache", "past_key_values", "past_key_value") if name in kwargs), None)
     if cache is None:
         return None
     cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache: the self-attention part
     layers = getattr(cache, "layers", None)
-    if layers is None or layer >= len(layers) or not layers[layer].is_initialized:
+    if layers is None:
+        raise TypeError(f"attention patterns at decoding steps read the key/value cache by layer, which a "
+                        f"{type(cache).__name__} does not offer; generate with the default dynamic cache")
+    if layer >= len(layers) or not getattr(layers[layer], "is_initialized", True):
         return None
     entry = layers[layer]
-    if "Sliding" in type(entry).__name__ or not hasattr(entry, "get_seq_length"):
-        raise TypeError(f"attention patterns at decoding steps read the key/value cache, and a "
-                        f"{type(entry).__name__} cache is not supported; generate with the default dynamic cache")
     length = entry.get_seq_length()
-    if length == 0:
+    stored = getattr(entry, part, None)
+    if length == 0 or stored is None:
         return None
-    stored = getattr(entry, part)[:, :, :length]
+    if stored.shape[-2] < length:
+        raise ValueError(f"this layer's {type(entry).__name__} cache keeps {stored.shape[-2]} of the {length} earlier "
+                         "positions (a sliding window or a quantized cache), so the pattern over all of them cannot "
+                         "be recomputed; generate with the default dynamic cache, or read steps before the window "
+                         "fills")
+    stored = stored[:, :, :length]
     if stored.shape[0] != batch:
         raise ValueError(f"the key/value cache holds {stored.shape[0]} rows but this value has {batch}: read "
                          "`.pattern` at decoding steps for the whole batch (outside `tracer.invoke`, or with one "
