@@ -188,3 +188,20 @@ def test_a_pattern_edit_in_training_mode_with_dropout_is_refused(gpt2_lm):
         with gpt2_lm.trace(PROMPTS[0]):
             gpt2_lm.layers[0].attn.pattern[:, 0] = 0
     assert hook_count(gpt2_lm._module) == 0
+
+
+def test_two_in_place_edits_both_count(any_lm, gpt2_tok):
+    with any_lm.trace(PROMPTS[0]):
+        attn = any_lm.layers[0].attn
+        attn.pattern[:, :, :, 0] = 0
+        attn.pattern[:, 1] = attn.pattern[:, 1] * 2
+        logits = any_lm.output.logits.save()
+
+    def both(weights):
+        edited = zero_first_key(weights)
+        edited[:, 1] *= 2
+        return edited
+
+    input_ids = encode(gpt2_tok, PROMPTS[0])
+    expected, _ = eager_logits(any_lm._module, input_ids, torch.ones_like(input_ids), 0, both)
+    assert torch.allclose(logits.value, expected, atol=1e-5)

@@ -102,3 +102,20 @@ def test_a_decoding_step_pattern_read_with_next(any_lm, gpt2_tok):
     for step, got in enumerate([first, second, third]):
         assert torch.allclose(got.value, expected[step][1], atol=1e-5)
     assert third.value.shape[-2:] == (1, input_ids.shape[1] + 2)
+
+
+def test_decoding_step_patterns_of_each_invoke(any_lm, gpt2_tok):
+    patterns = {}
+    with any_lm.generate(max_new_tokens=NEW_TOKENS) as tracer:
+        for prompt in PROMPTS:
+            with tracer.invoke(prompt):
+                patterns[prompt] = tracer.list().save()
+                with tracer.iter[1:]:
+                    patterns[prompt].append(any_lm.layers[1].attn.pattern)
+    input_ids, attention_mask = left_padded(gpt2_tok, PROMPTS)
+    _, expected = eager_generation_weights(any_lm._module, input_ids, attention_mask)
+    for row, prompt in enumerate(PROMPTS):  # each invoke's rows of the batch's cache
+        assert len(patterns[prompt].value) == NEW_TOKENS - 1
+        for step, got in enumerate(patterns[prompt].value, start=1):
+            assert got.shape == (1, 4, 1, input_ids.shape[1] + step)
+            assert torch.allclose(got, expected[step][1][row:row + 1], atol=1e-5)

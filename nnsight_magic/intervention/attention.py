@@ -49,8 +49,10 @@ def _hidden_and_mask(inputs: tuple[tuple, dict]) -> tuple[torch.Tensor, Any, dic
     return hidden, kwargs.get("attention_mask"), kwargs
 
 
-def cached(inputs: tuple[tuple, dict], layer: int, part: str, batch: int) -> torch.Tensor | None:
+def cached(inputs: tuple[tuple, dict], layer: int, part: str, rows: slice) -> torch.Tensor | None:
     """This layer's cached ``keys`` or ``values`` before the current call (``None`` when nothing is cached yet).
+
+    ``rows``: the batch rows of the value (one invoke's rows of the whole batch the cache holds).
 
     Read when the module is called (its input hook), before the module adds this call's keys to the cache.
     Hugging Face passes the cache as ``cache=`` (``past_key_values=`` / ``past_key_value=`` in earlier versions).
@@ -76,31 +78,33 @@ def cached(inputs: tuple[tuple, dict], layer: int, part: str, batch: int) -> tor
                          "positions (a sliding window or a quantized cache), so the pattern over all of them cannot "
                          "be recomputed; generate with the default dynamic cache, or read steps before the window "
                          "fills")
-    stored = stored[:, :, :length]
-    if stored.shape[0] != batch:
-        raise ValueError(f"the key/value cache holds {stored.shape[0]} rows but this value has {batch}: read "
-                         "`.pattern` at decoding steps for the whole batch (outside `tracer.invoke`, or with one "
-                         "invoke)")
-    return stored
+    if stored.shape[0] < rows.stop:
+        raise ValueError(f"the key/value cache holds {stored.shape[0]} rows, not the rows {rows.start} to "
+                         f"{rows.stop - 1} of this value")
+    return stored[rows, :, :length]
 
 
-def _with_past(inputs: tuple[tuple, dict], layer: int, part: str, new: torch.Tensor) -> torch.Tensor:
-    return _joined(cached(inputs, layer, part, new.shape[0]), new)
+def _with_past(inputs: tuple[tuple, dict], layer: int, part: str, new: torch.Tensor, start: int) -> torch.Tensor:
+    return _joined(cached(inputs, layer, part, slice(start, start + new.shape[0])), new)
 
 
 def gpt2_pattern(inputs: tuple[tuple, dict], weight: torch.Tensor, bias: torch.Tensor, heads: int,
-                 scaling: float, layer: int = 0) -> torch.Tensor:
-    """The pattern of a GPT-2 attention module (``c_attn`` is a Conv1D: ``x @ weight + bias``)."""
+                 scaling: float, layer: int = 0, start: int = 0) -> torch.Tensor:
+    """The pattern of a GPT-2 attention module (``c_attn`` is a Conv1D: ``x @ weight + bias``).
+
+    ``layer``: the module's index in the key/value cache; ``start``: the first batch row of ``inputs`` in it.
+    """
     hidden, mask, _ = _hidden_and_mask(inputs)
     width = hidden.shape[-1]
     query, key = (hidden @ weight[:, :2 * width] + bias[:2 * width]).split(width, dim=2)
     query = query.view(*query.shape[:-1], heads, -1).transpose(1, 2)
-    key = _with_past(inputs, layer, "keys", key.view(*key.shape[:-1], heads, -1).transpose(1, 2))
+    key = _with_past(inputs, layer, "keys", key.view(*key.shape[:-1], heads, -1).transpose(1, 2), start)
     return probabilities(query, key, mask, scaling)
 
 
 def llama_pattern(inputs: tuple[tuple, dict], q_weight: torch.Tensor, q_bias: Any, k_weight: torch.Tensor,
-                  k_bias: Any, head_dim: int, groups: int, scaling: float, layer: int = 0) -> torch.Tensor:
+                  k_bias: Any, head_dim: int, groups: int, scaling: float, layer: int = 0,
+                  start: int = 0) -> torch.Tensor:
     """The pattern of a Llama-style attention module: rotary embeddings, ``groups`` query heads per key head."""
     hidden, mask, kwargs = _hidden_and_mask(inputs)
     shape = (*hidden.shape[:-1], -1, head_dim)
@@ -109,14 +113,14 @@ def llama_pattern(inputs: tuple[tuple, dict], q_weight: torch.Tensor, q_bias: An
     cos, sin = kwargs["position_embeddings"]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     query, key = query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
-    key = _with_past(inputs, layer, "keys", key).repeat_interleave(groups, dim=1)
+    key = _with_past(inputs, layer, "keys", key, start).repeat_interleave(groups, dim=1)
     return probabilities(query, key, mask, scaling)
 
 
-def past_values(inputs: tuple[tuple, dict], layer: int) -> torch.Tensor | None:
+def past_values(inputs: tuple[tuple, dict], layer: int, start: int) -> torch.Tensor | None:
     """This layer's cached values before the current call (read at its input hook, before the cache grows)."""
     hidden, _, _ = _hidden_and_mask(inputs)
-    return cached(inputs, layer, "values", hidden.shape[0])
+    return cached(inputs, layer, "values", slice(start, start + hidden.shape[0]))
 
 
 def gpt2_edited_output(inputs: tuple[tuple, dict], past: Any, pattern: torch.Tensor, weight: torch.Tensor,
@@ -185,11 +189,11 @@ class AttentionEnvoy(Envoy):
         layer = getattr(module, "layer_idx", None) or 0
         if hasattr(module, "c_attn"):
             return tracer.apply(gpt2_pattern, self.inputs, self.c_attn.weight, self.c_attn.bias, module.num_heads,
-                                module.scaling, layer)
+                                module.scaling, layer, self._first_row(tracer))
         if hasattr(module, "q_proj") and hasattr(module, "k_proj"):
             return tracer.apply(llama_pattern, self.inputs, self.q_proj.weight, self._bias("q_proj"),
                                 self.k_proj.weight, self._bias("k_proj"), module.head_dim,
-                                module.num_key_value_groups, module.scaling, layer)
+                                module.num_key_value_groups, module.scaling, layer, self._first_row(tracer))
         raise AttributeError(f"{user_line()}: {self._label} ({type(module).__name__}): attention patterns are "
                              "recomputed for GPT-2-style (c_attn) and Llama-style (q_proj/k_proj) attention only")
 
@@ -205,7 +209,7 @@ class AttentionEnvoy(Envoy):
             raise NotImplementedError(f"{user_line()}: editing the pattern of cross-attention is not supported")
         layer = getattr(module, "layer_idx", None) or 0
         inputs = self.inputs
-        past = tracer.apply(past_values, inputs, layer)  # read when the module is called, before the cache grows
+        past = tracer.apply(past_values, inputs, layer, self._first_row(tracer))  # read when the module is called, before the cache grows
         if hasattr(module, "c_attn"):
             output = tracer.apply(gpt2_edited_output, inputs, past, pattern, self.c_attn.weight, self.c_attn.bias,
                                   self.c_proj.weight, self.c_proj.bias, module.num_heads)
@@ -214,6 +218,12 @@ class AttentionEnvoy(Envoy):
                                   self._bias("v_proj"), self.o_proj.weight, self._bias("o_proj"), module.head_dim,
                                   module.num_key_value_groups)
         self.output = output
+
+    @staticmethod
+    def _first_row(tracer: Any) -> int:
+        """The first batch row of the values this trace reads here: the current invoke's, or 0 (the whole batch)."""
+        invoke = tracer._key("", "pattern")[-1]
+        return 0 if invoke is None else sum(prepared.batch_size for prepared in tracer.invokes[:invoke])
 
     def _bias(self, name: str) -> Any:
         return getattr(self, name).bias if getattr(self._module, name).bias is not None else None
