@@ -205,3 +205,24 @@ def test_two_in_place_edits_both_count(any_lm, gpt2_tok):
     input_ids = encode(gpt2_tok, PROMPTS[0])
     expected, _ = eager_logits(any_lm._module, input_ids, torch.ones_like(input_ids), 0, both)
     assert torch.allclose(logits.value, expected, atol=1e-5)
+
+
+def test_an_edit_in_one_invoke_changes_only_its_rows(any_lm, gpt2_tok):
+    with any_lm.trace() as tracer:
+        with tracer.invoke(PROMPTS[0]):
+            first = any_lm.output.logits.save()
+        with tracer.invoke(PROMPTS[1]):
+            attn = any_lm.layers[0].attn
+            attn.pattern[:, 1] = attn.pattern[:, 1] * 2
+            second = any_lm.output.logits.save()
+
+    def second_row(weights):
+        edited = weights.clone()
+        edited[1, 1] *= 2
+        return edited
+
+    input_ids, attention_mask = left_padded(gpt2_tok, PROMPTS)
+    expected, _ = eager_logits(any_lm._module, input_ids, attention_mask, 0, second_row)
+    real = attention_mask.bool()
+    assert torch.allclose(first.value[real[:1]], expected[:1][real[:1]], atol=1e-5)
+    assert torch.allclose(second.value[real[1:]], expected[1:][real[1:]], atol=1e-5)
