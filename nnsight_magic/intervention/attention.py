@@ -4,25 +4,42 @@ In [1]: lm = LanguageModel(model)                    # sdpa (the default) or eag
 In [2]: with lm.trace("The Eiffel Tower is in"):
    ...:     pattern = lm.layers[3].attn.pattern.save()  # (batch, heads, query, key) probabilities
 In [3]: pattern.value.sum(-1)                          # every row sums to 1
+In [4]: with lm.generate("The Eiffel Tower is in", max_new_tokens=3) as tracer:
+   ...:     with tracer.iter[1]:
+   ...:         step = lm.layers[3].attn.pattern.save()  # (batch, heads, 1, prompt + 1): over the cache too
+   ...:         lm.layers[3].attn.pattern[:, 0] = 0     # an edit: head 0 attends nowhere at this step
 
 ``softmax(Q Kᵀ · scaling + mask)`` is computed from the attention module's own input (the hidden states, the
 mask and, for rotary models, the position embeddings it is called with) and its projection weights, exactly as
 eager attention computes its weights, while the model itself keeps its fast kernel (sdpa, flash). The values
 are equal to eager attention's weights within float tolerance. Supported: GPT-2-style attention (``c_attn``) and
 Llama-style attention (``q_proj``/``k_proj`` with rotary embeddings and grouped-query heads: Llama, SmolLM2,
-Mistral, Qwen2) over one forward pass; generation steps after the first, which read keys from the cache, are
-not supported yet, and neither is editing a pattern.
+Mistral, Qwen2). At a generation step after the first the query is the new token's and the keys are this layer's
+cached keys (read from the ``cache=`` the module is called with, before it adds its own) followed by the new
+key. A cache that no longer holds every earlier position (a sliding window once it is full) raises at the
+user's line. Nothing runs unless a pattern is read: no hook, no extra computation.
+
+Assigning ``attn.pattern = value``, or editing it in place (``attn.pattern[...] = x``), changes that call of
+that module: its output becomes what eager attention computes with the edited probabilities, ``pattern @ V``
+(``V`` from the module's input and value projection, after the cached values at decoding steps), heads merged,
+through the output projection, without dropout (the model must be in ``eval()`` mode or have attention dropout
+0). Later reads of ``attn.pattern`` in the trace see the edit. The model is not changed: it keeps its kernel
+(``config._attn_implementation``), every other module runs as usual, and no hook or setting outlives the run,
+also when it fails. The module's own kernel still runs (its result is replaced), so an edited pattern costs one
+extra attention. An in-place edit must be made on the ``.pattern`` value itself: an edit of a value derived from
+it (``attn.pattern[0][1] = x``) changes only that value, as everywhere in a trace.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 import torch
 
 from ..tracing.node import user_line
+from ..tracing.proxy import Proxy
 from .envoy import Envoy
-from .pattern_edits import assign_pattern, current_pattern
 
 
 def probabilities(query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float) -> torch.Tensor:
@@ -164,6 +181,50 @@ def _rotate_half(value: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+# ------------------------------------------------------------------------------------------ edited patterns
+Reroute = Callable[[Any], None]  # makes the module's output use the pattern it is given (see AttentionEnvoy)
+
+_PATTERNS: "weakref.WeakKeyDictionary[Any, dict[tuple, Proxy]]" = weakref.WeakKeyDictionary()
+
+
+class PatternProxy(Proxy):
+    """The proxy of ``attn.pattern``: an in-place edit of it also makes the module use the edited pattern."""
+
+    __slots__ = ("_reroute",)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._reroute(self)  # created after the edit, so the module's new output reads the edited pattern
+
+
+def current_pattern(tracer: Any, key: tuple, read: Callable[[], Proxy], reroute: Reroute) -> Proxy:
+    """The pattern that reads of ``key`` (a module call) see: the last one assigned, else ``read()`` (once)."""
+    patterns = _PATTERNS.setdefault(tracer, {})
+    proxy = patterns.get(key)
+    if proxy is None:
+        proxy = patterns[key] = _editable(tracer, read(), reroute)
+    return proxy
+
+
+def assign_pattern(tracer: Any, key: tuple, value: Any, reroute: Reroute) -> None:
+    """``attn.pattern = value``: the module's output uses ``value``; later reads of the pattern see it."""
+    proxy = value if isinstance(value, Proxy) else tracer.apply(_same, value)
+    reroute(proxy)
+    _PATTERNS.setdefault(tracer, {})[key] = _editable(tracer, proxy, reroute)
+
+
+def _editable(tracer: Any, proxy: Proxy, reroute: Reroute) -> PatternProxy:
+    editable = PatternProxy(proxy.node, tracer)
+    object.__setattr__(editable, "_reroute", reroute)
+    tracer.adopt(editable)  # detached after the run like every proxy of the trace
+    return editable
+
+
+def _same(value: Any) -> Any:
+    """A plain value assigned as a pattern, as a node of the graph."""
+    return value
+
+
 class AttentionEnvoy(Envoy):
     """The Envoy of an attention module: ``.pattern``, read and edited (see the module docstring)."""
 
@@ -198,7 +259,7 @@ class AttentionEnvoy(Envoy):
                              "recomputed for GPT-2-style (c_attn) and Llama-style (q_proj/k_proj) attention only")
 
     def _use_pattern(self, pattern: Any) -> None:
-        """This call's output becomes eager attention's output with ``pattern`` (see :mod:`.pattern_edits`)."""
+        """This call's output becomes eager attention's output with ``pattern`` (see the module docstring)."""
         tracer, module = self._tracer("set .pattern"), self._module
         dropout = getattr(module, "attn_dropout", None)
         rate = dropout.p if isinstance(dropout, torch.nn.Dropout) else getattr(module, "attention_dropout", 0.0)
