@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from language_fixtures import END_OF_TEXT, encode, hook_count, left_padded, line_of
+from magic_shell import ip, ok  # noqa: F401  (the fixture)
 
 PROMPTS = ["The Eiffel Tower is in", "Hello world"]
 NEW_TOKENS = 3
@@ -226,3 +227,16 @@ def test_an_edit_in_one_invoke_changes_only_its_rows(any_lm, gpt2_tok):
     real = attention_mask.bool()
     assert torch.allclose(first.value[real[:1]], expected[:1][real[:1]], atol=1e-5)
     assert torch.allclose(second.value[real[1:]], expected[1:][real[1:]], atol=1e-5)
+
+
+def test_a_pattern_edit_in_a_trace_cell(ip, gpt2_lm, gpt2_tok):
+    ip.user_ns["lm"] = gpt2_lm
+    ok(ip, f"""%%trace lm "{PROMPTS[0]}"
+attn = lm.layers[1].attn
+attn.pattern[:, :, :, 0] = 0
+logits = lm.output.logits
+""")
+    input_ids = encode(gpt2_tok, PROMPTS[0])
+    expected, _ = eager_logits(gpt2_lm._module, input_ids, torch.ones_like(input_ids), 1, zero_first_key)
+    assert torch.allclose(ip.user_ns["logits"], expected, atol=1e-5)
+    assert hook_count(gpt2_lm._module) == 0
