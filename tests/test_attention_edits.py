@@ -152,9 +152,10 @@ def test_nothing_is_left_changed_after_an_edit_or_a_failed_one(any_lm, gpt2_tok)
     assert torch.equal(after.value, base.value)
 
 
-def test_an_edit_at_one_generation_step(any_lm, gpt2_tok):
+@pytest.mark.parametrize("validate", [True, False])
+def test_an_edit_at_one_generation_step(any_lm, gpt2_tok, validate):
     model = any_lm._module
-    with any_lm.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS) as tracer:
+    with any_lm.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS, validate=validate) as tracer:
         logits = tracer.list().save()
         with tracer.iter[1]:
             attn = any_lm.layers[1].attn
@@ -240,3 +241,17 @@ logits = lm.output.logits
     expected, _ = eager_logits(gpt2_lm._module, input_ids, torch.ones_like(input_ids), 1, zero_first_key)
     assert torch.allclose(ip.user_ns["logits"], expected, atol=1e-5)
     assert hook_count(gpt2_lm._module) == 0
+
+
+def test_a_persistent_pattern_edit(any_lm, gpt2_tok):
+    with any_lm.edit() as edited:
+        edited.layers[1].attn.pattern[:, :, :, 0] = 0
+    with edited.trace(PROMPTS[0]):
+        logits = edited.output.logits.save()
+    with any_lm.trace(PROMPTS[0]):
+        unedited = any_lm.output.logits.save()
+    input_ids = encode(gpt2_tok, PROMPTS[0])
+    expected, _ = eager_logits(any_lm._module, input_ids, torch.ones_like(input_ids), 1, zero_first_key)
+    assert torch.allclose(logits.value, expected, atol=1e-5)
+    assert not torch.allclose(unedited.value, expected, atol=1e-3)  # the original model is not edited
+    assert hook_count(any_lm._module) == 0
