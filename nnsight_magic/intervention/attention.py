@@ -148,7 +148,7 @@ def gpt2_edited_output(inputs: tuple[tuple, dict], past: Any, pattern: torch.Ten
     width = hidden.shape[-1]
     value = hidden @ weight[:, 2 * width:] + bias[2 * width:]
     value = _joined(past, value.view(*value.shape[:-1], heads, -1).transpose(1, 2))
-    return _mix(pattern, value) @ out_weight + out_bias, pattern
+    return _mix(pattern, value, hidden.shape[-2]) @ out_weight + out_bias, pattern
 
 
 def llama_edited_output(inputs: tuple[tuple, dict], past: Any, pattern: torch.Tensor, weight: torch.Tensor,
@@ -158,20 +158,24 @@ def llama_edited_output(inputs: tuple[tuple, dict], past: Any, pattern: torch.Te
     hidden, _, _ = _hidden_and_mask(inputs)
     value = torch.nn.functional.linear(hidden, weight, bias).view(*hidden.shape[:-1], -1, head_dim).transpose(1, 2)
     value = _joined(past, value).repeat_interleave(groups, dim=1)
-    return torch.nn.functional.linear(_mix(pattern, value), out_weight, out_bias), pattern
+    return torch.nn.functional.linear(_mix(pattern, value, hidden.shape[-2]), out_weight, out_bias), pattern
 
 
 def _joined(past: Any, new: torch.Tensor) -> torch.Tensor:
     return new if past is None else torch.cat([past.to(new.dtype), new], dim=-2)
 
 
-def _mix(pattern: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``pattern @ value`` with the heads merged back: ``(batch, query, heads * head_dim)``."""
-    if not isinstance(pattern, torch.Tensor) or pattern.shape[-1] != value.shape[-2] or \
-            pattern.shape[1] != value.shape[1]:
+def _mix(pattern: torch.Tensor, value: torch.Tensor, queries: int) -> torch.Tensor:
+    """``pattern @ value`` with the heads merged back: ``(batch, query, heads * head_dim)``.
+
+    ``pattern`` has the shape of ``.pattern``; its batch or heads size may be 1 (the same for every row or head).
+    """
+    expected = (value.shape[0], value.shape[1], queries, value.shape[-2])
+    if not isinstance(pattern, torch.Tensor) or pattern.dim() != 4 or pattern.shape[2:] != expected[2:] or \
+            any(size not in (1, want) for size, want in zip(pattern.shape[:2], expected[:2])):  # 1: broadcast
         shape = tuple(pattern.shape) if isinstance(pattern, torch.Tensor) else type(pattern).__name__
-        raise ValueError(f"the pattern assigned has shape {shape}, but this call attends over {value.shape[1]} "
-                         f"heads and {value.shape[-2]} keys: give it the shape of `.pattern`")
+        raise ValueError(f"the pattern assigned has shape {shape}, but this call's pattern is (batch, heads, query, "
+                         f"key) = {expected}: give it the shape of `.pattern`")
     mixed = torch.matmul(pattern.to(value.dtype), value).transpose(1, 2)
     return mixed.reshape(*mixed.shape[:2], -1)
 
@@ -248,13 +252,23 @@ class AttentionEnvoy(Envoy):
     def _read_pattern(self) -> Any:
         tracer, module = self._tracer("read .pattern"), self._module
         layer = getattr(module, "layer_idx", None) or 0
-        if hasattr(module, "c_attn"):
+        if self._style() == "gpt2":
             return tracer.apply(gpt2_pattern, self.inputs, self.c_attn.weight, self.c_attn.bias, module.num_heads,
                                 module.scaling, layer, self._first_row(tracer))
-        if hasattr(module, "q_proj") and hasattr(module, "k_proj"):
-            return tracer.apply(llama_pattern, self.inputs, self.q_proj.weight, self._bias("q_proj"),
-                                self.k_proj.weight, self._bias("k_proj"), module.head_dim,
-                                module.num_key_value_groups, module.scaling, layer, self._first_row(tracer))
+        return tracer.apply(llama_pattern, self.inputs, self.q_proj.weight, self._bias("q_proj"),
+                            self.k_proj.weight, self._bias("k_proj"), module.head_dim,
+                            module.num_key_value_groups, module.scaling, layer, self._first_row(tracer))
+
+    def _style(self) -> str:
+        """``"gpt2"`` (``c_attn``) or ``"llama"`` (``q_proj``/``k_proj``/``v_proj``/``o_proj``); else an error."""
+        module = self._module
+        if getattr(module, "is_cross_attention", False):
+            raise NotImplementedError(f"{user_line()}: {self._label} is cross-attention; attention patterns are "
+                                      "recomputed for self-attention only")
+        if hasattr(module, "c_attn") and hasattr(module, "c_proj"):
+            return "gpt2"
+        if all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return "llama"
         raise AttributeError(f"{user_line()}: {self._label} ({type(module).__name__}): attention patterns are "
                              "recomputed for GPT-2-style (c_attn) and Llama-style (q_proj/k_proj) attention only")
 
@@ -266,12 +280,9 @@ class AttentionEnvoy(Envoy):
         if module.training and rate:
             raise RuntimeError(f"{user_line()}: {self._label} is in training mode with attention dropout {rate}; an "
                                "edited pattern is applied without dropout: call `model.eval()` first")
-        if getattr(module, "is_cross_attention", False):
-            raise NotImplementedError(f"{user_line()}: editing the pattern of cross-attention is not supported")
-        layer = getattr(module, "layer_idx", None) or 0
-        inputs = self.inputs
-        past = tracer.apply(past_values, inputs, layer, self._first_row(tracer))  # read when the module is called, before the cache grows
-        if hasattr(module, "c_attn"):
+        style, layer, inputs = self._style(), getattr(module, "layer_idx", None) or 0, self.inputs
+        past = tracer.apply(past_values, inputs, layer, self._first_row(tracer))  # runs before the cache grows
+        if style == "gpt2":
             output = tracer.apply(gpt2_edited_output, inputs, past, pattern, self.c_attn.weight, self.c_attn.bias,
                                   self.c_proj.weight, self.c_proj.bias, module.num_heads)
         else:
