@@ -75,9 +75,11 @@ def eager_logits(model, input_ids, attention_mask, layer, edit):
     return logits, hooked.outputs[0]
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one", "padded batch"])
-def test_an_in_place_edit_of_the_pattern_is_what_the_module_uses(any_lm, gpt2_tok, prompts):
+def test_an_in_place_edit_of_the_pattern_is_what_the_module_uses(any_lm, gpt2_tok, prompts, implementation):
     model = any_lm._module
+    model.set_attn_implementation(implementation)
     with any_lm.trace(prompts):
         attn = any_lm.layers[1].attn
         attn.pattern[:, :, :, 0] = 0
@@ -90,7 +92,7 @@ def test_an_in_place_edit_of_the_pattern_is_what_the_module_uses(any_lm, gpt2_to
     assert torch.all(seen.value[:, :, :, 0] == 0)
     assert torch.allclose(output.value[real], expected_output[real], atol=1e-5)
     assert torch.allclose(logits.value[real], expected_logits[real], atol=1e-5)
-    assert model.config._attn_implementation == "sdpa" and hook_count(model) == 0
+    assert model.config._attn_implementation == implementation and hook_count(model) == 0
 
 
 def test_assigning_a_plain_pattern(any_lm, gpt2_tok):
