@@ -257,3 +257,18 @@ def test_a_persistent_pattern_edit(any_lm, gpt2_tok):
     assert torch.allclose(logits.value, expected, atol=1e-5)
     assert not torch.allclose(unedited.value, expected, atol=1e-3)  # the original model is not edited
     assert hook_count(any_lm._module) == 0
+
+
+@pytest.mark.parametrize("taken", [True, False])
+def test_a_pattern_edit_in_a_condition_branch(any_lm, gpt2_tok, taken):
+    with any_lm.trace(PROMPTS[0]) as tracer:
+        attn = any_lm.layers[1].attn
+        with tracer.cond(any_lm.layers[0].output[0].sum() * 0 == (0 if taken else 1)):
+            attn.pattern[:, :, :, 0] = 0
+        pattern = attn.pattern.save()  # read outside the branch: recomputed, so it has a value either way
+        logits = any_lm.output.logits.save()
+    input_ids = encode(gpt2_tok, PROMPTS[0])
+    edit = zero_first_key if taken else (lambda weights: weights)
+    expected, _ = eager_logits(any_lm._module, input_ids, torch.ones_like(input_ids), 1, edit)
+    assert torch.allclose(logits.value, expected, atol=1e-5)
+    assert torch.all(pattern.value[:, :, 1:, 0] > 0)

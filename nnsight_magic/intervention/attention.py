@@ -236,12 +236,12 @@ class AttentionEnvoy(Envoy):
     def pattern(self) -> Any:
         """``(batch, heads, query, key)`` attention probabilities of this module's current call."""
         tracer = self._tracer("read .pattern")
-        return current_pattern(tracer, tracer._key(self._path, "pattern"), self._read_pattern, self._use_pattern)
+        return current_pattern(tracer, self._pattern_key(tracer), self._read_pattern, self._use_pattern)
 
     @pattern.setter
     def pattern(self, value: Any) -> None:
         tracer = self._tracer("set .pattern")
-        assign_pattern(tracer, tracer._key(self._path, "pattern"), value, self._use_pattern)
+        assign_pattern(tracer, self._pattern_key(tracer), value, self._use_pattern)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "pattern" and "pattern" not in self._module._modules:
@@ -290,6 +290,10 @@ class AttentionEnvoy(Envoy):
                                   self._bias("v_proj"), self.o_proj.weight, self._bias("o_proj"), module.head_dim,
                                   module.num_key_value_groups)
         self.output = output
+
+    def _pattern_key(self, tracer: Any) -> tuple:
+        """This module call's pattern: its call, step, block and invoke, and the ``tracer.cond`` branches open."""
+        return (*tracer._key(self._path, "pattern"), tuple(tracer.graph._branch_stack))
 
     @staticmethod
     def _first_row(tracer: Any) -> int:
