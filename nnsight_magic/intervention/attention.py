@@ -27,7 +27,9 @@ through the output projection, without dropout (the model must be in ``eval()`` 
 (``config._attn_implementation``), every other module runs as usual, and no hook or setting outlives the run,
 also when it fails. The module's own kernel still runs (its result is replaced), so an edited pattern costs one
 extra attention. An in-place edit must be made on the ``.pattern`` value itself: an edit of a value derived from
-it (``attn.pattern[0][1] = x``) changes only that value, as everywhere in a trace.
+it (``attn.pattern[0][1] = x``) changes only that value, as everywhere in a trace. Reads see the edits made in
+the same block: a read after a ``tracer.cond`` branch, or in a trace of a ``model.edit()`` copy, is recomputed
+from the module's input (the module itself still uses the branch's or the persistent edit's pattern).
 """
 
 from __future__ import annotations
