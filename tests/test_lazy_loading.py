@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from language_fixtures import PROMPTS, encode, gpt2_tok, line_of, make_tiny_gpt2, make_tiny_llama  # noqa: F401
 from magic_shell import ip, ok  # noqa: F401  (the ip fixture)
+from nnsight_magic.intervention.tracer import Tracer
 from nnsight_magic.models.language import LanguageModel
 
 MAKERS = {"gpt2": make_tiny_gpt2, "llama": make_tiny_llama}
@@ -200,3 +201,19 @@ def test_trace_scan_magic_on_a_lazy_model_needs_no_weights(ip, tmp_path, gpt2_to
     result = ok(ip, "%%trace lm 'Hello world' --scan\nh = lm.transformer.h[1].output\nh.shape\n")
     assert result.result == torch.Size([1, 2, 64])
     assert loads == [] and not ip.user_ns["lm"].dispatched
+
+
+def test_moving_a_lazy_model_loads_it_first(saved, loads):
+    _, directory, _ = saved
+    lm = LanguageModel(directory)
+    assert lm.to(torch.float64) is lm and loads == [directory]
+    assert {parameter.dtype for parameter in lm._module.parameters()} == {torch.float64}
+
+
+def test_a_run_that_did_not_start_from_trace_says_to_dispatch(saved, loads):
+    family, directory, _ = saved
+    lm = LanguageModel(directory)
+    with pytest.raises(RuntimeError, match=r"weights are not loaded.*lm\.dispatch\(\) first"):
+        with Tracer(lm, ("Hello world",), {}):  # a tracer made by hand, not by lm.trace: nothing loaded it
+            layers_of(lm, family)[0].output.save()
+    assert loads == [] and not lm.dispatched

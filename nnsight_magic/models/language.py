@@ -146,6 +146,11 @@ class LanguageModel(NNsight):
             self.dispatch()
         return super().__call__(*args, **kwargs)
 
+    def to(self, *args: Any, **kwargs: Any) -> "LanguageModel":
+        """Move the model (``lm.to("cuda")``), loading a lazy model first; returns ``lm``."""
+        self.dispatch()
+        return super().to(*args, **kwargs)
+
     # ------------------------------------------------------------------------- inputs, batching, running
     def _prepare_input(self, *inputs: Any, **kwargs: Any) -> PreparedInput:
         """One invoke's prompt(s) as left-padded ``input_ids`` and ``attention_mask`` on the input device."""

@@ -23,6 +23,7 @@ holds stay valid, and the loaded model is exactly what ``from_pretrained`` retur
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import torch
@@ -43,11 +44,13 @@ class LazyWeights:
     def __init__(self, name: str, kwargs: dict):
         self.name, self.kwargs = name, dict(kwargs)
         self.module: torch.nn.Module | None = None
+        self._lock = threading.Lock()  # traces in two threads load once
 
     def load(self) -> torch.nn.Module:
         """The loaded model: ``from_pretrained(name, **kwargs)`` the first time."""
-        if self.module is None:
-            self.module = load_model(self.name, self.kwargs)
+        with self._lock:
+            if self.module is None:
+                self.module = load_model(self.name, self.kwargs)
         return self.module
 
 
