@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from language_fixtures import PROMPTS, encode, gpt2_tok, line_of, make_tiny_gpt2, make_tiny_llama  # noqa: F401
 from magic_shell import ip, ok  # noqa: F401  (the ip fixture)
 from nnsight_magic.intervention.tracer import Tracer
+from nnsight_magic.models import loading
 from nnsight_magic.models.language import LanguageModel
 
 MAKERS = {"gpt2": make_tiny_gpt2, "llama": make_tiny_llama}
@@ -217,3 +218,17 @@ def test_a_run_that_did_not_start_from_trace_says_to_dispatch(saved, loads):
         with Tracer(lm, ("Hello world",), {}):  # a tracer made by hand, not by lm.trace: nothing loaded it
             layers_of(lm, family)[0].output.save()
     assert loads == [] and not lm.dispatched
+
+
+def test_without_accelerate_the_tree_is_built_under_the_meta_device(saved, monkeypatch, gpt2_tok):
+    family, directory, model = saved
+    monkeypatch.setattr(loading, "_empty_weights", lambda: torch.device("meta"))  # as if accelerate were missing
+    lm = LanguageModel(directory)
+    assert {tensor.device.type for tensor in [*lm._module.parameters(), *lm._module.buffers()]} == {"meta"}
+    ids = encode(gpt2_tok, PROMPTS[2])
+    with lm.scan(PROMPTS[2]):
+        shape = layers_of(lm, family)[1].output.shape
+    with lm.trace(PROMPTS[2]):
+        hidden = layers_of(lm, family)[1].output.save()
+    expected, _ = hf_layer_output(model, family, 1, ids)
+    assert shape == expected.shape and torch.equal(hidden.value, expected)
