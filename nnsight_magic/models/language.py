@@ -223,8 +223,8 @@ class LanguageModel(NNsight):
     def _run(self, prepared: PreparedInput, options: dict) -> Any:
         """One forward pass, or HF ``generate`` when ``options`` come from :meth:`generate`."""
         if not self.dispatched:
-            raise RuntimeError(f"{user_line()}: this LanguageModel's weights are not loaded (it was created with "
-                               "dispatch=False and this run did not start from lm.trace or lm.generate); call "
+            raise RuntimeError(f"{user_line()}: this LanguageModel's weights are not loaded (it was created by "
+                               "name, lazily, and this run did not start from lm.trace or lm.generate); call "
                                "lm.dispatch() first")
         input_ids, attention_mask = prepared.kwargs["input_ids"], prepared.kwargs["attention_mask"]
         if options.get(GENERATE):

@@ -72,8 +72,8 @@ def build_on_meta(name: str, kwargs: dict) -> torch.nn.Module:
     shared = {key: kwargs[key] for key in SHARED_LOADING_KEYWORDS if key in kwargs}
     try:
         config = AutoConfig.from_pretrained(name, **shared)
-    except (OSError, ValueError) as error:
-        raise loading_error(name, OSError(str(error))) from error
+    except OSError as error:
+        raise loading_error(name, error) from error
     options = {key: kwargs[key] for key in _BUILDING_KEYWORDS if key in kwargs}
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
     if dtype is not None and dtype != "auto":
