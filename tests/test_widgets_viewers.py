@@ -140,3 +140,13 @@ def test_without_a_tokenizer_or_with_an_error_no_viewer_is_chosen():
             lm.transformer.h[1].attn.pattern.save()
             lm.transformer.h[0].output[5].save()
     assert failed.viewers == []
+
+
+def test_a_decoding_steps_pattern_gets_no_heads_grid_and_the_run_still_shows():
+    lm = LanguageModel(make_tiny_gpt2())
+    with lm.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2) as tracer:
+        inspector = GraphInspector(tracer)
+        with tracer.iter[1]:
+            step = lm.transformer.h[1].attn.pattern.save()        # one query row over 4 keys: not a grid
+    assert step.value.shape == (1, 4, 1, 4)
+    assert inspector.state == "done" and inspector.viewers == []

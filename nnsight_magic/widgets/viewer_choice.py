@@ -73,7 +73,8 @@ def choose_viewers(tracer: Any, values: list[Any]) -> list[ChosenViewer]:
         if node.index in shown:
             continue
         value = values[node.index]
-        if node.op == "call_function" and node.target in _PATTERNS and value.dim() == 4:
+        if node.op == "call_function" and node.target in _PATTERNS and value.dim() == 4 \
+                and value.shape[-1] == value.shape[-2]:  # a decoding step's pattern (one query row) gets none
             chosen.append(ChosenViewer("attention heads", [node.index],
                                        AttentionHeads(value[0], tokens=tokens, decode=decode)))
         elif tokens is not None and _per_token(value, len(tokens)):
