@@ -397,3 +397,22 @@ def test_a_module_called_on_a_traced_value_has_its_shape_from_the_server(remote_
     with local.trace("Hello world"):
         expected = local.lm_head(local.transformer.ln_f(local.transformer.h[0].output[0])).argmax(-1).save()
     assert torch.equal(top.value, expected.value)
+
+
+def test_a_lazy_language_model_and_a_directory_are_served_with_their_weights(cluster, tmp_path, gpt2_tok):
+    model = make_tiny_gpt2()
+    model.save_pretrained(tmp_path)
+    gpt2_tok.save_pretrained(tmp_path)
+    lazy = LanguageModel(str(tmp_path), dispatch=False)          # only the meta tree until something runs it
+    servers = [serve(lazy, name="lazy", token=TOKEN), serve(str(tmp_path), name="directory", token=TOKEN)]
+    try:
+        with torch.no_grad():
+            expected = model(torch.tensor([gpt2_tok("Hello world")["input_ids"]])).logits
+        for name in ("lazy", "directory"):
+            remote = RemoteModel(cluster["gpt2"].url, name, token=TOKEN)
+            with remote.trace("Hello world"):
+                logits = remote.lm_head.output.save()
+            assert torch.equal(logits.value, expected), name
+    finally:
+        for server in servers:
+            server.shutdown()

@@ -101,5 +101,7 @@ def _source(model: Any) -> dict:
     if not isinstance(model, NNsight):
         raise TypeError(f"serve takes an NNsight or LanguageModel (or a hub id, a directory, 'embedded'), not "
                         f"{type(model).__name__}")
+    if not getattr(model, "dispatched", True):
+        model.dispatch()  # a lazy LanguageModel: the actor gets the loaded weights, not the meta tree
     return {"kind": "object", "module": model._module, "tokenizer": getattr(model, "tokenizer", None),
             "language": hasattr(model, "tokenizer")}
