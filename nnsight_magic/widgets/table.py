@@ -37,6 +37,8 @@ from .summaries import ValueSummary
 _STATUS_MARKS = {"pending": "○", "done": "●", "freed": "◌", "saved": "●", "skipped": "⊘", "error": "✖",
                  "not run": "○", "": "·"}
 MAX_HEIGHT = "26em"  # the table scrolls inside this height
+# JupyterLab right-aligns cells of rendered HTML (`:not(.jp-RenderedMarkdown).jp-RenderedHTMLCommon td`, specificity
+# 0,2,1): the `table.nnsight-rows` rules outrank it so columns read left to right
 
 CSS = f"""
 .nnsight-inspector {{ color: {theme.TEXT}; }}
@@ -49,6 +51,8 @@ CSS = f"""
   background: {theme.BACKGROUND}; }}
 .nnsight-inspector td {{ padding: 1px 10px 1px 4px; vertical-align: top; white-space: nowrap; text-align: left; }}
 .nnsight-inspector td.line {{ color: {theme.TEXT_MUTED}; text-align: right; }}
+.nnsight-inspector table.nnsight-rows th, .nnsight-inspector table.nnsight-rows td {{ text-align: left; }}
+.nnsight-inspector table.nnsight-rows td.line {{ text-align: right; }}
 .nnsight-inspector td.name {{ font-weight: 600; }}
 .nnsight-inspector td.expression {{ max-width: 36em; overflow: hidden; text-overflow: ellipsis; }}
 .nnsight-inspector td.value {{ white-space: normal; overflow-wrap: anywhere; min-width: 14em; max-width: 40em; }}
