@@ -168,7 +168,47 @@ class Interleaver:
             root_index: [write for write, root in graph.writes.items() if root == root_index]
             for root_index in edited}) if edited else None
         self.skipped_forwards: list[tuple[torch.nn.Module, Any]] = []
+        self.wrapped: list[torch.nn.Module] = []  # modules whose `forward` this run wraps (see _wrap_forward)
         execution.interleaver = self
+
+    def _skipped_paths(self) -> set[str]:
+        """The modules that ``.skip()`` replaces in this run (they keep torch hooks: see :meth:`_install_skips`)."""
+        nodes = self.execution.nodes
+        return {nodes[index].args[0].target for index in self.execution.graph.swap_indices
+                if nodes[index].meta.get("skip")}
+
+    def _wrap_forward(self, module: torch.nn.Module, input_hook: Callable | None,
+                      output_hook: Callable | None) -> None:
+        """Run ``module``'s hooks of this trace from a wrapper of its ``forward`` (an instance attribute, removed
+        on exit) instead of registering torch hooks.
+
+        The wrapper is called where torch calls ``forward``, after the module's pre-hooks and before its forward
+        hooks, so it sees what a hook registered last would see only when the module has no forward hooks: see
+        :func:`_wrappable`. It saves torch's hook path (a handle made and removed, and the slow ``_call_impl``
+        branch), which is most of what one more saved module output costs. A call of ``module.forward`` that
+        bypasses ``module(...)`` happens only from ``apply_module`` nodes, which pause the interleaver.
+        """
+        forward = module.forward
+
+        if input_hook is None:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                output = forward(*args, **kwargs)
+                replacement = output_hook(module, args, output)
+                return output if replacement is None else replacement
+        else:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                replaced = input_hook(module, args, kwargs)
+                if replaced is not None:
+                    args, kwargs = replaced
+                output = forward(*args, **kwargs)
+                if output_hook is None:
+                    return output
+                replacement = output_hook(module, args, output)
+                return output if replacement is None else replacement
+
+        wrapper.__wrapped__ = forward  # inspect.signature(module.forward) still shows the real parameters
+        module.__dict__["forward"] = wrapper
+        self.wrapped.append(module)
 
     def _install_skips(self) -> None:
         """``module.skip(value)``: for the run, the module's forward returns nothing at the skipped calls, and its
@@ -207,7 +247,7 @@ class Interleaver:
         try:
             if self.steps_matter:
                 self.handles.append(root.register_forward_pre_hook(self._begin_step, prepend=True))
-            by_module: dict[int, tuple[torch.nn.Module, dict, dict]] = {}
+            by_module: dict[int, tuple[torch.nn.Module, dict, dict, str]] = {}
             for (path, kind), table in self.tables.items():
                 if (path, kind) == ("", "output") and self._root_output_from_result(table):
                     continue
@@ -216,19 +256,25 @@ class Interleaver:
                     first = min((point for points in table.values() for point in points), key=lambda p: p.index)
                     raise annotate(compiled_error(path, part), self.execution.nodes[first.index])
                 module = self.find_module(path)
-                _, outputs, inputs = by_module.setdefault(id(module), (module, {}, {}))
+                _, outputs, inputs, _ = by_module.setdefault(id(module), (module, {}, {}, path))
                 merged = outputs if kind == "output" else inputs
                 for call, points in table.items():
                     merged.setdefault(call, []).extend(points)
-            for module, outputs, inputs in by_module.values():
+            skipped = self._skipped_paths()
+            for module, outputs, inputs, path in by_module.values():
                 for table in (outputs, inputs):
                     for points in table.values():
-                        points.sort(key=lambda point: point.index)
-                if inputs:
-                    self.handles.append(module.register_forward_pre_hook(self._input_hook(inputs),
-                                                                         with_kwargs=True))
-                if outputs:
-                    self.handles.append(module.register_forward_hook(self._output_hook(outputs)))
+                        if len(points) > 1:
+                            points.sort(key=lambda point: point.index)
+                input_hook = self._input_hook(inputs) if inputs else None
+                output_hook = self._output_hook(outputs) if outputs else None
+                if module is not root and path not in skipped and _wrappable(module):
+                    self._wrap_forward(module, input_hook, output_hook)
+                    continue
+                if input_hook is not None:
+                    self.handles.append(module.register_forward_pre_hook(input_hook, with_kwargs=True))
+                if output_hook is not None:
+                    self.handles.append(module.register_forward_hook(output_hook))
             if self.steps_matter:
                 self.handles.append(root.register_forward_hook(self._end_step))
             if self.parameter_swaps is not None:
@@ -243,6 +289,9 @@ class Interleaver:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        for module in self.wrapped:
+            module.__dict__.pop("forward", None)
+        self.wrapped.clear()
         if self.parameter_swaps is not None:
             self.parameter_swaps.restore()
         for module, previous in self.skipped_forwards:
@@ -378,6 +427,21 @@ class Interleaver:
             for write in self.writes_on.get(entry, ()):
                 if state[write] == PENDING:
                     raise out_of_order(self.execution.graph, write, entry, self.execution)
+
+
+def _wrappable(module: torch.nn.Module) -> bool:
+    """Whether a wrapper of ``module.forward`` behaves exactly like hooks registered last (see
+    :meth:`Interleaver._wrap_forward`): no forward hooks of its own or global ones would run after it, and no one
+    else has replaced its ``forward``."""
+    return not module._forward_hooks and "forward" not in module.__dict__ and not _global_forward_hooks() \
+        and not isinstance(module, torch.jit.ScriptModule)
+
+
+def _global_forward_hooks() -> bool:
+    """Whether forward hooks for every module are registered (``register_module_forward_hook``)."""
+    modules = torch.nn.modules.module
+    return bool(getattr(modules, "_global_forward_hooks", True)) or \
+        bool(getattr(modules, "_global_forward_hooks_always_called", None))
 
 
 def out_of_order(graph: Graph, write: int, entry: int, execution: Execution | None = None,
