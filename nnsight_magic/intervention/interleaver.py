@@ -28,7 +28,7 @@ from ..tracing.execution import PENDING, Execution, ExecutionObserver
 from ..tracing.graph import Graph
 from ..tracing.node import Node
 from .batching import compose, narrow
-from .compiled import compiled_error, compiled_part
+from .compiled import compiled_error, is_compiled
 from .parameters import ParameterSwaps, ParameterValue
 
 _VALUE_KIND = {"module_output": "output", "module_inputs": "input"}
@@ -177,8 +177,8 @@ class Interleaver:
         return {nodes[index].args[0].target for index in self.execution.graph.swap_indices
                 if nodes[index].meta.get("skip")}
 
-    def _wrap_forward(self, module: torch.nn.Module, input_hook: Callable | None,
-                      output_hook: Callable | None) -> None:
+    def _wrap_forward(self, module: torch.nn.Module, inputs: dict[int, list[EntryPoint]],
+                      outputs: dict[int, list[EntryPoint]]) -> None:
         """Run ``module``'s hooks of this trace from a wrapper of its ``forward`` (an instance attribute, removed
         on exit) instead of registering torch hooks.
 
@@ -189,13 +189,21 @@ class Interleaver:
         bypasses ``module(...)`` happens only from ``apply_module`` nodes, which pause the interleaver.
         """
         forward = module.forward
-
-        if input_hook is None:
+        input_hook = self._input_hook(inputs) if inputs else None
+        output_hook = None
+        if outputs:
+            store = self._only_stored(outputs)
+            if store is not None and input_hook is None:
+                wrapper = self._storing_forward(forward, *store)
+            else:
+                output_hook = self._output_hook(outputs)
+                wrapper = None
+        if input_hook is None and output_hook is not None:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 output = forward(*args, **kwargs)
                 replacement = output_hook(module, args, output)
                 return output if replacement is None else replacement
-        else:
+        elif input_hook is not None:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 replaced = input_hook(module, args, kwargs)
                 if replaced is not None:
@@ -251,11 +259,10 @@ class Interleaver:
             for (path, kind), table in self.tables.items():
                 if (path, kind) == ("", "output") and self._root_output_from_result(table):
                     continue
-                part = compiled_part(root, path)
+                module, part = _module_at(root, path)
                 if part is not None:
                     first = min((point for points in table.values() for point in points), key=lambda p: p.index)
                     raise annotate(compiled_error(path, part), self.execution.nodes[first.index])
-                module = self.find_module(path)
                 _, outputs, inputs, _ = by_module.setdefault(id(module), (module, {}, {}, path))
                 merged = outputs if kind == "output" else inputs
                 for call, points in table.items():
@@ -266,11 +273,11 @@ class Interleaver:
                     for points in table.values():
                         if len(points) > 1:
                             points.sort(key=lambda point: point.index)
+                if module is not root and path not in skipped and _wrappable(module):
+                    self._wrap_forward(module, inputs, outputs)
+                    continue
                 input_hook = self._input_hook(inputs) if inputs else None
                 output_hook = self._output_hook(outputs) if outputs else None
-                if module is not root and path not in skipped and _wrappable(module):
-                    self._wrap_forward(module, input_hook, output_hook)
-                    continue
                 if input_hook is not None:
                     self.handles.append(module.register_forward_pre_hook(input_hook, with_kwargs=True))
                 if output_hook is not None:
@@ -334,11 +341,34 @@ class Interleaver:
         if self.root_output_points is not None:
             self._deliver(self.root_output_points, result)
 
-    def _output_hook(self, table: dict[int, list[EntryPoint]]) -> Callable:
+    def _storing_forward(self, forward: Callable, call: int, index: int) -> Callable:
+        """A wrapper of ``forward`` that only keeps the output of call ``call`` in entry ``index`` (a ``.save()``
+        that nothing else reads; see :meth:`_wrap_forward` and :meth:`_only_stored`)."""
+        store, thread = self.execution.store, self.thread
+        calls = 0
+
+        def storing(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            output = forward(*args, **kwargs)
+            if not self.paused and get_ident() == thread:
+                if calls == call:
+                    store(index, output)
+                calls += 1
+            return output
+        return storing
+
+    def _only_stored(self, table: dict[int, list[EntryPoint]]) -> tuple[int, int] | None:
+        """``(call, index)`` when the hook of ``table`` only has to keep one value (see :meth:`_only_stores`)."""
         if len(table) == 1:
             (call, points), = table.items()
             if len(points) == 1 and self._only_stores(points[0]):
-                return self._storing_hook(call, points[0].index)
+                return call, points[0].index
+        return None
+
+    def _output_hook(self, table: dict[int, list[EntryPoint]]) -> Callable:
+        store = self._only_stored(table)
+        if store is not None:
+            return self._storing_hook(*store)
 
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
             if self.paused or get_ident() != self.thread:
@@ -365,7 +395,7 @@ class Interleaver:
 
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
             if not self.paused and get_ident() == self.thread and self._count_call(id(module)) == call:
-                execution.deliver(index, output)
+                execution.store(index, output)
         return hook
 
     def _input_hook(self, table: dict[int, list[EntryPoint]]) -> Callable:
@@ -427,6 +457,21 @@ class Interleaver:
             for write in self.writes_on.get(entry, ()):
                 if state[write] == PENDING:
                     raise out_of_order(self.execution.graph, write, entry, self.execution)
+
+
+def _module_at(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str | None]:
+    """The module at the dotted ``path`` and, in the same walk, :func:`~.compiled.compiled_part` of it."""
+    module, walked = root, []
+    if getattr(root, "_compiled_call_impl", None) is not None:
+        return root, ""
+    for name in path.split(".") if path else ():
+        if is_compiled(module):
+            return module, ".".join(walked)
+        module = module._modules[name]
+        walked.append(name)
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            return module, ".".join(walked)
+    return module, None
 
 
 def _wrappable(module: torch.nn.Module) -> bool:

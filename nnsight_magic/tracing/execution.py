@@ -119,6 +119,13 @@ class Execution(Interpreter):
         self._notify(index)
         self._free_if_unread(index)
 
+    def store(self, index: int, value: Any) -> None:
+        """:meth:`deliver` for an entry that nothing in the graph reads (a plain ``.save()``): keep the value if
+        it is saved or kept, else drop it; there is no one to tell."""
+        if self.state[index] == PENDING:
+            self._set(index, value)
+            self._free_if_unread(index)
+
     def run_ready(self, limit: int | None = None) -> None:
         """Run ready nodes, lowest index first; with ``limit``, only nodes created before node ``limit``."""
         ready, state = self.ready, self.state
