@@ -191,7 +191,8 @@ class Tracer:
             kwargs = self._to_nodes(kwargs)
         node = self.graph.create_node(op, target, args, kwargs, filename=filename, lineno=lineno, meta=meta,
                                       fake=fake, after=after)
-        if node.fake is None and getattr(target, "structural", False) and self.graph.shape_inference is not None:
+        if op == "call_function" and node.fake is None and getattr(target, "structural", False) and \
+                self.graph.shape_inference is not None:
             node.fake = _structural_fake(node)
         proxy = Proxy(node, self)
         self._proxies.append(weakref.ref(proxy))
@@ -329,7 +330,7 @@ class Tracer:
 
     # ------------------------------------------------------------------------------------------- proxies
     def save(self, proxy: Proxy) -> None:
-        proxy.node.saved = True
+        proxy._node.saved = True
 
     def call_method(self, proxy: Proxy, name: str, args: tuple, kwargs: dict,
                     location: tuple[str, int] | None = None) -> Proxy:
