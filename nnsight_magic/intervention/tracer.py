@@ -330,7 +330,7 @@ class Tracer:
 
     # ------------------------------------------------------------------------------------------- proxies
     def save(self, proxy: Proxy) -> None:
-        proxy._node.saved = True
+        proxy.node.saved = True
 
     def call_method(self, proxy: Proxy, name: str, args: tuple, kwargs: dict,
                     location: tuple[str, int] | None = None) -> Proxy:
