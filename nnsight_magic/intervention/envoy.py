@@ -190,7 +190,8 @@ class Envoy:
     def __getitem__(self, key: int | str | slice) -> Any:
         module = self._module
         if type(key) is int and isinstance(module, torch.nn.ModuleList) and 0 <= key < len(module._modules):
-            return self._child(_POSITIONS[key] if key < len(_POSITIONS) else str(key))  # named by position
+            child = self._children.get(_POSITIONS[key] if key < len(_POSITIONS) else str(key))  # named by position
+            return child if child is not None else self._child(str(key))
         names = list(module._modules)
         if isinstance(key, slice):
             return [self._child(name) for name in names[key]]

@@ -268,12 +268,13 @@ class Interleaver:
                 for call, points in table.items():
                     merged.setdefault(call, []).extend(points)
             skipped = self._skipped_paths()
+            global_hooks = _global_forward_hooks()
             for module, outputs, inputs, path in by_module.values():
                 for table in (outputs, inputs):
                     for points in table.values():
                         if len(points) > 1:
                             points.sort(key=lambda point: point.index)
-                if module is not root and path not in skipped and _wrappable(module):
+                if module is not root and path not in skipped and not global_hooks and _wrappable(module):
                     self._wrap_forward(module, inputs, outputs)
                     continue
                 input_hook = self._input_hook(inputs) if inputs else None
@@ -461,24 +462,27 @@ class Interleaver:
 
 def _module_at(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str | None]:
     """The module at the dotted ``path`` and, in the same walk, :func:`~.compiled.compiled_part` of it."""
-    module, walked = root, []
+    module = root
     if getattr(root, "_compiled_call_impl", None) is not None:
         return root, ""
-    for name in path.split(".") if path else ():
-        if is_compiled(module):
-            return module, ".".join(walked)
+    if not path:
+        return root, None
+    names = path.split(".")
+    for depth, name in enumerate(names):
+        # is_compiled(module), with its cheap half first: a torch.compile wrapper is an OptimizedModule
+        if type(module).__name__ == "OptimizedModule" and is_compiled(module):
+            return module, ".".join(names[:depth])
         module = module._modules[name]
-        walked.append(name)
         if getattr(module, "_compiled_call_impl", None) is not None:
-            return module, ".".join(walked)
+            return module, ".".join(names[:depth + 1])
     return module, None
 
 
 def _wrappable(module: torch.nn.Module) -> bool:
     """Whether a wrapper of ``module.forward`` behaves exactly like hooks registered last (see
-    :meth:`Interleaver._wrap_forward`): no forward hooks of its own or global ones would run after it, and no one
-    else has replaced its ``forward``."""
-    return not module._forward_hooks and "forward" not in module.__dict__ and not _global_forward_hooks() \
+    :meth:`Interleaver._wrap_forward`): no forward hooks of its own would run after it (nor global ones: see
+    :func:`_global_forward_hooks`), and no one else has replaced its ``forward``."""
+    return not module._forward_hooks and "forward" not in module.__dict__ \
         and not isinstance(module, torch.jit.ScriptModule)
 
 

@@ -228,7 +228,8 @@ class Tracer:
 
     # --------------------------------------------------------------------------------- module values (Envoy)
     def _key(self, path: str, kind: str, invoke: Any = "current") -> tuple:
-        section = self.graph.current_section
+        stack = self.graph._section_stack
+        section = stack[-1] if stack else None
         step = self._step_cursor if section is None else None
         if invoke == "current":
             invoke = None if self._implicit is not None else self._current_invoke  # one input: the whole batch
@@ -261,7 +262,8 @@ class Tracer:
             meta = {"call": call, "step": step or 0, "invoke": invoke}
             first_step = step if section is None else self.graph.sections[section].steps.first
             entry = self.create_proxy(op, path, (), {}, meta=meta,
-                                      fake=self._entry_fake(op, path, call, invoke, first_step))
+                                      fake=self._entry_fake(op, path, call, invoke, first_step) if self.validate
+                                      else None)
             self._entries[key] = entry
         return entry
 
@@ -330,7 +332,7 @@ class Tracer:
 
     # ------------------------------------------------------------------------------------------- proxies
     def save(self, proxy: Proxy) -> None:
-        proxy.node.saved = True
+        (proxy._node or proxy.node).saved = True  # an attribute proxy makes its node on first use
 
     def call_method(self, proxy: Proxy, name: str, args: tuple, kwargs: dict,
                     location: tuple[str, int] | None = None) -> Proxy:

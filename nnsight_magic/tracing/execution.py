@@ -122,9 +122,20 @@ class Execution(Interpreter):
     def store(self, index: int, value: Any) -> None:
         """:meth:`deliver` for an entry that nothing in the graph reads (a plain ``.save()``): keep the value if
         it is saved or kept, else drop it; there is no one to tell."""
-        if self.state[index] == PENDING:
-            self._set(index, value)
-            self._free_if_unread(index)
+        state = self.state
+        if state[index] != PENDING:
+            return
+        observer = self.observer
+        if self.nodes[index].saved or index in self.keep:
+            self.values[index] = value
+            state[index] = DONE
+            if observer is not None:
+                observer.node_status(index, DONE)
+        else:
+            state[index] = FREED
+            if observer is not None:
+                observer.node_status(index, DONE)
+                observer.node_status(index, FREED)
 
     def run_ready(self, limit: int | None = None) -> None:
         """Run ready nodes, lowest index first; with ``limit``, only nodes created before node ``limit``."""
