@@ -30,7 +30,7 @@ import torch
 from ..errors import annotate
 from .graph import Graph
 from .interpreter import Interpreter
-from .node import Node, map_nodes
+from .node import ENTRY_OPS, Node, map_nodes
 
 PENDING, DONE, FREED, SKIPPED = 0, 1, 2, 3
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FREED: "freed", SKIPPED: "skipped"}
@@ -106,9 +106,10 @@ class Execution(Interpreter):
     # ------------------------------------------------------------------------------------------- life cycle
     def start(self) -> None:
         """Queue every node outside iteration blocks that waits for nothing (constants, ``tracer.list()``)."""
+        waiting, ready = self.waiting, self.ready
         for node in self.nodes:
-            if not self.waiting[node.index] and not node.is_entry and node.section is None:
-                heapq.heappush(self.ready, node.index)
+            if not waiting[node.index] and node.op not in ENTRY_OPS and node.section is None:
+                heapq.heappush(ready, node.index)
 
     def deliver(self, index: int, value: Any) -> None:
         """Give entry node ``index`` its value (from a hook) and tell whoever waits on it."""
