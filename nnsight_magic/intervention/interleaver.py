@@ -12,6 +12,10 @@ invoke's rows), runs every node that became ready, checks that every edit of tha
 :class:`~nnsight_magic.errors.OutOfOrderError`), and returns the replacement when an entry was assigned.
 Calls are counted per module, and per generation step when the graph has iteration blocks or reads later steps.
 
+Where nothing would run after it, a module's hooks run from a wrapper of its ``forward`` set on the module for the
+run (no torch hook path, about 9 µs less per hooked module); a module with forward hooks of its own, a replaced
+``forward``, a ``.skip()`` or global forward hooks gets torch hooks, registered last (see ``_wrappable``).
+
 The hooks act only in the thread that entered the interleaver: a forward pass of the same model in another
 thread (a plain call, or another thread's trace with hooks of its own) passes through them untouched.
 """
