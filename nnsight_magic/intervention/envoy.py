@@ -147,7 +147,8 @@ class Envoy:
             raise AttributeError(name)  # not yet set (during construction or copying)
         module = self._module
         if name in module._modules:
-            return self._child(name)
+            child = self._children.get(name)
+            return child if child is not None else self._child(name)
         if name.startswith("__"):
             raise AttributeError(name)
         aliases = self._root.__dict__.get("_aliases")
