@@ -363,11 +363,18 @@ class Interleaver:
         return storing
 
     def _only_stored(self, table: dict[int, list[EntryPoint]]) -> tuple[int, int] | None:
-        """``(call, index)`` when the hook of ``table`` only has to keep one value (see :meth:`_only_stores`)."""
-        if len(table) == 1:
-            (call, points), = table.items()
-            if len(points) == 1 and self._only_stores(points[0]):
-                return call, points[0].index
+        """``(call, index)`` when the hook of ``table`` only has to keep one value: one whole-batch read that
+        nothing in the graph waits on (a plain ``.save()``)."""
+        if len(table) != 1 or self.steps_matter:
+            return None
+        (call, points), = table.items()
+        if len(points) != 1:
+            return None
+        point = points[0]
+        index = point.index
+        if point.group is None and point.section is None and point.step == 0 and \
+                not self.execution.nodes[index].listeners and index not in self.writes_on:
+            return call, index
         return None
 
     def _output_hook(self, table: dict[int, list[EntryPoint]]) -> Callable:
@@ -387,12 +394,6 @@ class Interleaver:
         call = self.counts.get(key, 0)
         self.counts[key] = call + 1
         return call
-
-    def _only_stores(self, point: EntryPoint) -> bool:
-        """The hook only has to keep the value: one whole-batch read that nothing in the graph waits on."""
-        node = self.execution.nodes[point.index]
-        return point.group is None and point.section is None and not self.steps_matter and point.step == 0 \
-            and not node.listeners and point.index not in self.writes_on
 
     def _storing_hook(self, call: int, index: int) -> Callable:
         """The fast hook of a value that is only kept (``.save()``): store it on its call, nothing else."""

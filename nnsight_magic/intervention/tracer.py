@@ -531,7 +531,7 @@ class Tracer:
         if self.validate:
             self._refresh_shapes()
             scan = next((scan for scan in self._scans.values() if scan is not None), None)
-            if scan is not None and (self.graph.writes or self.graph.swap_indices):  # only changes can be late
+            if scan is not None:
                 check_order(self.graph, _entry_position(scan, self.graph))
 
     @property
