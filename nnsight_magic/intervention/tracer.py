@@ -541,16 +541,17 @@ class Tracer:
 
     def _detach(self, execution: Any) -> None:
         """After the run: saved proxies get their values; no proxy keeps this tracer alive any longer."""
+        state, values = (execution.state, execution.values) if execution is not None else ((), ())
+        saved, set_slot = self._saved, object.__setattr__
         for reference in self._proxies:
             proxy = reference()
             if proxy is None:
                 continue
             node = proxy._node
-            if execution is not None and node is not None and node.saved and \
-                    execution.state[node.index] == DONE_STATE:
-                object.__setattr__(proxy, "_value", execution.values[node.index])
-                self._saved.setdefault(node.index, []).append(reference)
-            object.__setattr__(proxy, "_tracer", None)
+            if execution is not None and node is not None and node.saved and state[node.index] == DONE_STATE:
+                set_slot(proxy, "_value", values[node.index])
+                saved.setdefault(node.index, []).append(reference)
+            set_slot(proxy, "_tracer", None)
         self._proxies = []
         if self._sources:
             release_sources(self)
