@@ -333,6 +333,11 @@ def test_a_server_restarted_between_requests_is_reached_again(cluster, x):
     finally:
         server.shutdown()
     assert torch.equal(first.value, second.value)
+    shared = serve(NNsight(make_tiny()), name="net2", token="t2")  # no port: the host's shared door, still there
+    try:
+        assert shared.url == cluster["net"].url
+    finally:
+        shared.shutdown()
 
 
 def test_the_inspector_shows_the_requests_place_its_steps_and_done(remote_lm, capsys):

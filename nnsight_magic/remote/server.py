@@ -45,7 +45,8 @@ class Server:
                 ray.get(self.door.stop.remote(), timeout=30)
             finally:
                 ray.kill(self.door, no_restart=True)
-                _doors.pop(self._host, None)
+                if _doors.get(self._host, (None,))[0] is self.door:
+                    del _doors[self._host]  # the shared door of this host is gone: the next serve starts one
 
     def __repr__(self) -> str:
         return f"<Server {self.name!r} at {self.url}>"
@@ -59,7 +60,7 @@ def serve(model: Any, name: str, token: str, *, host: str = "127.0.0.1", port: i
     Args:
         token: the secret clients must send; compared as a SHA-256 digest, never stored in the clear.
         host, port: where the door listens (a door this process started on ``host`` is reused when ``port`` is
-            ``None``; ``0`` picks a free port).
+            ``None``; a port given, ``0`` for a free one, gets a door of its own).
         address: a Ray cluster to join (``"auto"``, ``"ray://..."``); default: the running one, or a new local one.
         num_gpus: GPUs for the model actor (default: 1 when the cluster has a GPU, else 0).
         num_cpus: CPUs Ray reserves for the model actor (0: it may share a node's CPUs with others).
@@ -90,7 +91,8 @@ def _door(host: str, port: int | None, limits: Limits | None) -> tuple[Any, int]
         return _doors[host]
     door = ray.remote(Door).options(num_cpus=0, max_concurrency=1000).remote(limits)
     bound = ray.get(door.start.remote(host, port or 0), timeout=60)
-    _doors[host] = (door, bound)
+    if port is None:
+        _doors[host] = (door, bound)  # a door on a port one asked for is that server's own, never shared
     return door, bound
 
 
