@@ -17,17 +17,22 @@ building the widgets, rendering rows, the throttled updates while the model runs
   fixed cost (widgets, rows, summaries) against a run of a few milliseconds.
 * **smollm2**, a classroom model: the embedded SmolLM2-135M generates 100 tokens from the Eiffel Tower prompt,
   watched the same way.
-* **in a real kernel** (``BENCH_INSPECTOR_KERNEL_ONLY=1`` runs only this part): ``%%trace`` cells of the embedded
-  model sent to an IPython kernel through jupyter_client, as nbclient runs a notebook: a 30-block logit-lens cell
-  (target: the inspector adds at most 10 %) and a 100-step generation that reads only ``tracer.result`` (at most
-  2 %), each with and without ``--no-widget``, interleaved.
+* **in a real kernel** (the targets; ``python -m bench.bench_inspector --kernel`` runs only this part, about
+  2 minutes; ``BENCH_INSPECTOR_ROUNDS=N`` rounds, default 12): ``%%trace`` cells of the embedded model sent to an
+  IPython kernel through jupyter_client, as nbclient runs a notebook: a 30-block logit-lens cell (target: the
+  inspector adds at most 10 %) and a 100-step generation that reads only ``tracer.result`` (at most 2 %), each
+  with and without ``--no-widget``, in the same kernel, every round in a shuffled order, paired within the round.
+  Reported: wall time from request to reply; in the kernel, the time and the process CPU time from ``pre_run_cell``
+  to ``post_run_cell`` (steadier on a loaded machine); the load average; and the iopub messages and bytes of each cell.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -155,6 +160,16 @@ torch.set_num_threads(1)
 from nnsight_magic import load_embedded_model
 lm = load_embedded_model()
 prompt = "The Eiffel Tower is located in the city of"
+import time as _bench_time
+_bench_cell = None
+def _bench_started(info):
+    global _bench_start
+    _bench_start = (_bench_time.perf_counter(), _bench_time.process_time())
+def _bench_ended(result):
+    global _bench_cell
+    _bench_cell = (_bench_time.perf_counter() - _bench_start[0], _bench_time.process_time() - _bench_start[1])
+get_ipython().events.register("pre_run_cell", _bench_started)
+get_ipython().events.register("post_run_cell", _bench_ended)
 """
 LENS_CELL = """%%trace lm prompt{flag}
 lens = [lm.lm_head(lm.model.norm(block.output[0, -1])).softmax(-1) for block in lm.model.layers]
@@ -164,61 +179,105 @@ ids = tracer.result
 """
 
 
-def kernel_cases(client: Any) -> dict[str, Callable[[], Any]]:
+class KernelCell:
+    """One cell sent to the kernel: its wall time (request to reply, timed here), the time and the CPU time of the
+    kernel process from ``pre_run_cell`` to ``post_run_cell`` (timed in the kernel, by the setup cell's hooks),
+    and the iopub messages it caused (count and encoded bytes), recorded per run."""
+
+    def __init__(self, client: Any, code: str):
+        self.client, self.code = client, code
+        self.inside: list[float] = []
+        self.cpu: list[float] = []
+        self.messages: list[tuple[int, int]] = []
+
+    def __call__(self) -> None:
+        sent = [0, 0]
+
+        def count(message: dict) -> None:
+            sent[0] += 1
+            sent[1] += len(json.dumps(message["content"], default=str))
+        reply = self.client.execute_interactive(self.code, timeout=900, output_hook=count,
+                                                user_expressions={"cell": "_bench_cell"})
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"the cell failed: {reply['content']}")
+        inside, cpu = ast.literal_eval(reply["content"]["user_expressions"]["cell"]["data"]["text/plain"])
+        self.inside.append(inside)
+        self.cpu.append(cpu)
+        self.messages.append((sent[0], sent[1]))
+
+
+def kernel_cases(client: Any) -> dict[str, KernelCell]:
     """Cells of the embedded model run in a real IPython kernel (jupyter_client, no browser, as nbclient runs a
     notebook): the widget's messages are built, encoded and sent over ZeroMQ; timed from request to reply."""
-    def cell(code: str) -> Callable[[], Any]:
-        def run() -> None:
-            reply = client.execute_interactive(code, timeout=900, output_hook=lambda message: None)
-            if reply["content"]["status"] != "ok":
-                raise RuntimeError(f"the cell failed: {reply['content']}")
-        return run
-    return {"lens_30_layers": cell(LENS_CELL.format(flag=" --no-widget")),
-            "lens_30_layers_inspected": cell(LENS_CELL.format(flag="")),
-            "generate_100": cell(GENERATE_CELL.format(flag=" --no-widget")),
-            "generate_100_inspected": cell(GENERATE_CELL.format(flag=""))}
+    return {"lens_30_layers": KernelCell(client, LENS_CELL.format(flag=" --no-widget")),
+            "lens_30_layers_inspected": KernelCell(client, LENS_CELL.format(flag="")),
+            "generate_100": KernelCell(client, GENERATE_CELL.format(flag=" --no-widget")),
+            "generate_100_inspected": KernelCell(client, GENERATE_CELL.format(flag=""))}
 
 
 KERNEL_DESCRIPTIONS = {
-    "lens_30_layers": "%%trace: logit lens over SmolLM2's 30 blocks (150 nodes), --no-widget",
+    "lens_30_layers": "%%trace: logit lens over SmolLM2's 30 blocks (150 nodes, 30 saved), --no-widget",
     "lens_30_layers_inspected": "the same cell with the inspector",
     "generate_100": "%%trace --generate --max-new-tokens 100, reads only tracer.result, --no-widget",
     "generate_100_inspected": "the same cell with the inspector (tokens so far shown live)",
 }
+KERNEL_TARGETS = (("lens_30_layers", 0.10), ("generate_100", 0.02))
 
 
-def kernel_section() -> None:
+def kernel_section(rounds: int = 12) -> None:
+    """The targets: each round runs the four cells once in a shuffled order in the same kernel, so each widget
+    cell is paired with its ``--no-widget`` cell of the same round (:func:`common.interleave`)."""
     from jupyter_client.manager import start_new_kernel
 
     root = __file__.rsplit("/bench/", 1)[0]
     environment = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                        OMP_NUM_THREADS="1")
+    load_before = os.getloadavg()
     manager, client = start_new_kernel(kernel_name="python3", env=environment)
     try:
         client.execute_interactive(KERNEL_SETUP, timeout=900, output_hook=lambda message: None)
-        timings = common.interleave(kernel_cases(client), rounds=common.rounds(8), warmup=1, clock=time.perf_counter)
+        cases = kernel_cases(client)
+        timings = common.interleave(cases, rounds=common.rounds(rounds), warmup=1, clock=time.perf_counter)
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
+    load = " / ".join(f"{value:.2f}" for value in load_before)
+    after = " / ".join(f"{value:.2f}" for value in os.getloadavg())
     print("### In a real kernel: the embedded SmolLM2-135M, wall time from execute_request to execute_reply\n")
+    print(f"Load average before: {load}; after: {after}. {len(timings['generate_100'])} paired rounds.\n")
     print(common.table(timings, {"lens_30_layers_inspected": "lens_30_layers",
                                  "generate_100_inspected": "generate_100"}, KERNEL_DESCRIPTIONS), "\n")
     rows, shares = [], []
-    for case, share in (("lens_30_layers", 0.10), ("generate_100", 0.02)):
+    for case, share in KERNEL_TARGETS:
         baseline = common.summary(timings[case])["median_ms"]
         cost = common.paired_difference(timings[f"{case}_inspected"], timings[case])
         interval = common.paired_interval(timings[f"{case}_inspected"], timings[case])
-        rows.append((f"inspector on {case}", cost, interval, share * baseline,
+        rows.append((f"inspector on {case} (wall)", cost, interval, share * baseline,
                      f"{case}_inspected − {case}; target: {100 * share:.0f} % of {case}'s median"))
-        shares.append(f"{case} {100 * cost / baseline:+.1f} %")
+        line = f"{case} {100 * cost / baseline:+.1f} % wall"
+        for clock, what in (("inside", "time in the kernel, pre_run_cell to post_run_cell"),
+                            ("cpu", "the same, CPU time of the kernel process")):
+            plain = getattr(cases[case], clock)[1:]  # the warm-up run left out, as in `timings`
+            inspected = getattr(cases[f"{case}_inspected"], clock)[1:]
+            difference = common.paired_difference(inspected, plain)
+            median = common.summary(plain)["median_ms"]
+            rows.append((f"inspector on {case} ({clock})", difference, common.paired_interval(inspected, plain),
+                         share * median, what))
+            line += f", {100 * difference / median:+.1f} % {clock}"
+        shares.append(line)
     print(common.targets_table(rows), "\n")
-    print(f"Share of the cell's wall time: {'; '.join(shares)}.\n")
+    print(f"Share of the cell's time: {'; '.join(shares)}.\n")
+    lines = ["| cell | iopub messages | encoded KB |", "|---|---:|---:|"]
+    for name, cell in cases.items():
+        count, size = cell.messages[-1]
+        lines.append(f"| {name} | {count} | {size / 1024:.1f} |")
+    print("\n".join(lines), "\n")
 
 
 # -------------------------------------------------------------------------------------------------- run
 def main() -> None:
-    if os.environ.get("BENCH_INSPECTOR_KERNEL_ONLY") == "1":
-        kernel_section()
+    if os.environ.get("BENCH_INSPECTOR_KERNEL_ONLY") == "1" or "--kernel" in sys.argv:
+        kernel_section(int(os.environ.get("BENCH_INSPECTOR_ROUNDS", "12")))
         return
     print("## The live inspector's cost\n")
     with notebook_front_end():

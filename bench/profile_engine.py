@@ -39,6 +39,7 @@ PHASES = [
     ("run: hooks registered (`Interleaver.__enter__`)", "intervention/interleaver.py", "__enter__", 0),
     ("run: hooks removed (`Interleaver.__exit__`)", "intervention/interleaver.py", "__exit__", 0),
     ("run: our hooks firing (output hook)", "intervention/interleaver.py", "hook", 0),
+    ("run: our forward wrappers firing (saved-only output)", "intervention/interleaver.py", "storing", 0),
     ("run: `_on_accelerator` (first parameter's device)", "models/nnsight.py", "_on_accelerator", 0),
     ("run: `_detach` (bind saved values)", "intervention/tracer.py", "_detach", 0),
 ]

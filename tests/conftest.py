@@ -35,9 +35,14 @@ def x() -> torch.Tensor:
 
 
 def hook_count(module: torch.nn.Module) -> int:
-    """Every forward hook and pre-hook registered anywhere in ``module``."""
+    """Every forward hook and pre-hook registered anywhere in ``module``, and every wrapped ``forward``."""
     return sum(len(each._forward_hooks) + len(each._forward_pre_hooks) + len(each._forward_hooks_with_kwargs)
-               for each in module.modules())
+               + wraps_forward(each) for each in module.modules())
+
+
+def wraps_forward(module: torch.nn.Module) -> bool:
+    """Whether a trace's wrapper of ``module.forward`` (which runs its hooks without torch hooks) is in place."""
+    return getattr(module.__dict__.get("forward"), "__module__", None) == "nnsight_magic.intervention.interleaver"
 
 
 def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -110,7 +110,8 @@ class Clean:
         self.state = {name: value.detach().clone() for name, value in module.state_dict().items()}
 
     def _hooks(self) -> dict:
-        found = {name: {kind: dict(getattr(each, kind, {}) or {}) for kind in HOOK_DICTS}
+        found = {name: {**{kind: dict(getattr(each, kind, {}) or {}) for kind in HOOK_DICTS},
+                        "forward": each.__dict__.get("forward")}  # a trace may wrap a module's forward
                  for name, each in self.module.named_modules()}
         found["<global>"] = {kind: dict(getattr(torch_module, kind, {}) or {}) for kind in GLOBAL_HOOKS}
         return found

@@ -1,13 +1,15 @@
-"""attn.pattern under sdpa equals eager attention's weights (Hugging Face output_attentions) within tolerance."""
+"""attn.pattern under sdpa equals eager attention's weights (Hugging Face output_attentions) within tolerance,
+over one forward pass and at every generation step (later steps attend over the key/value cache)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from language_fixtures import encode, hook_count, left_padded
+from language_fixtures import END_OF_TEXT, encode, hook_count, left_padded
 
 PROMPTS = ["The Eiffel Tower is in", "Hello world"]
+NEW_TOKENS = 3
 
 
 def eager_weights(model, input_ids, attention_mask):
@@ -40,3 +42,80 @@ def test_the_pattern_equals_eager_attention_weights(any_lm, gpt2_tok, implementa
         real = attention_mask.bool()  # padded query rows are meaningless in both; compare the real ones
         assert torch.allclose(got[real[:, None, :, None].expand_as(got)],
                               expected[index][real[:, None, :, None].expand_as(got)], atol=1e-5)
+
+
+def eager_generation_weights(model, input_ids, attention_mask):
+    """Hugging Face ``generate`` with eager attention and ``output_attentions=True``: ``(sequences, attentions)``.
+
+    ``attentions[step][layer]`` is ``(batch, heads, query, key)``: the prompt at step 0, one query over the
+    cache and the new token at every later step.
+    """
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS,
+                                 do_sample=False, pad_token_id=END_OF_TEXT, output_attentions=True,
+                                 return_dict_in_generate=True)
+        return out.sequences, out.attentions
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one", "padded batch"])
+def test_decoding_step_patterns_equal_eager_generate_weights(any_lm, gpt2_tok, implementation, prompts):
+    model = any_lm._module
+    model.set_attn_implementation(implementation)
+    with any_lm.generate(prompts, max_new_tokens=NEW_TOKENS) as tracer:
+        patterns = [tracer.list().save() for _ in range(2)]
+        with tracer.all():
+            for index in range(2):
+                patterns[index].append(any_lm.layers[index].attn.pattern)
+        result = tracer.result.save()
+    assert model.config._attn_implementation == implementation
+    assert hook_count(model) == 0
+    input_ids, attention_mask = left_padded(gpt2_tok, prompts)
+    sequences, expected = eager_generation_weights(model, input_ids, attention_mask)
+    assert torch.equal(result.value, sequences)  # the same tokens, so the same caches
+    width = input_ids.shape[1]
+    real = attention_mask.bool()[:, None, :, None]
+    for index in range(2):
+        assert len(patterns[index].value) == NEW_TOKENS
+        for step, got in enumerate(patterns[index].value):
+            want = expected[step][index]
+            queries = width if step == 0 else 1
+            assert got.shape == want.shape == (len(prompts), 4, queries, width + step)
+            if step == 0:  # padded query rows are meaningless in both
+                got, want = got[real.expand_as(got)], want[real.expand_as(want)]
+            assert torch.allclose(got, want, atol=1e-5), (index, step)
+
+
+def test_a_decoding_step_pattern_read_with_next(any_lm, gpt2_tok):
+    attn = any_lm.layers[1].attn
+    with any_lm.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS):
+        first = attn.pattern.save()
+        second = attn.next().pattern.save()
+        third = attn.next().pattern.save()
+    input_ids = encode(gpt2_tok, PROMPTS[0])
+    _, expected = eager_generation_weights(any_lm._module, input_ids, torch.ones_like(input_ids))
+    for step, got in enumerate([first, second, third]):
+        assert torch.allclose(got.value, expected[step][1], atol=1e-5)
+    assert third.value.shape[-2:] == (1, input_ids.shape[1] + 2)
+
+
+def test_decoding_step_patterns_of_each_invoke(any_lm, gpt2_tok):
+    patterns = {}
+    with any_lm.generate(max_new_tokens=NEW_TOKENS) as tracer:
+        for prompt in PROMPTS:
+            with tracer.invoke(prompt):
+                patterns[prompt] = tracer.list().save()
+                with tracer.iter[1:]:
+                    patterns[prompt].append(any_lm.layers[1].attn.pattern)
+    input_ids, attention_mask = left_padded(gpt2_tok, PROMPTS)
+    _, expected = eager_generation_weights(any_lm._module, input_ids, attention_mask)
+    for row, prompt in enumerate(PROMPTS):  # each invoke's rows of the batch's cache
+        assert len(patterns[prompt].value) == NEW_TOKENS - 1
+        for step, got in enumerate(patterns[prompt].value, start=1):
+            assert got.shape == (1, 4, 1, input_ids.shape[1] + step)
+            assert torch.allclose(got, expected[step][1][row:row + 1], atol=1e-5)

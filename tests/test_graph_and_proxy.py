@@ -128,6 +128,7 @@ def test_lint_catches_a_broken_graph():
 def test_module_labels_and_step_sets():
     assert module_label("model.layers.5.mlp") == "model.layers[5].mlp"
     assert module_label("") == "model"
+    assert module_label("0") == "model[0]" and module_label("0.1.weight") == "model[0][1].weight"
     steps = StepSet(slice(1, 7, 2))
     assert [step for step in range(10) if steps.contains(step)] == [1, 3, 5]
     assert steps.first == 1 and steps.last == 5

@@ -9,7 +9,7 @@ import torch
 
 from nnsight_magic import NNsight
 
-from conftest import hook_count, weights
+from conftest import hook_count, weights, wraps_forward
 
 
 class Recurrent(torch.nn.Module):
@@ -29,7 +29,8 @@ class Recurrent(torch.nn.Module):
 
 def hooked_modules(module: torch.nn.Module) -> list[str]:
     return [name for name, each in module.named_modules()
-            if each._forward_hooks or each._forward_pre_hooks or each._forward_hooks_with_kwargs]
+            if each._forward_hooks or each._forward_pre_hooks or each._forward_hooks_with_kwargs
+            or wraps_forward(each)]
 
 
 def test_hooks_sit_only_on_touched_modules_and_only_during_the_run():

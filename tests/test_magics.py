@@ -100,6 +100,8 @@ def test_model_and_inputs_are_python_expressions(ip):
 @pytest.mark.parametrize("line, message", [
     ("", "the following arguments are required: MODEL"),
     ("plain x", "MODEL `plain` is a Linear, which cannot be traced; wrap it first"),
+    ("torch x", "MODEL `torch` is a module, not a model: the first word of `%%trace` is the model"),   # torch.trace
+    ("x x", "MODEL `x` is a Tensor, not a model"),                                                 # Tensor.trace
     ("net x --tracer 2nd", "--tracer needs a Python name"),
     ("net x --max-new-tokens 3", "--max-new-tokens goes with --generate"),
     ("net x --generate", "--generate needs a model that generates"),
@@ -108,6 +110,7 @@ def test_model_and_inputs_are_python_expressions(ip):
 def test_bad_arguments_are_usage_errors_and_change_nothing(ip, line, message):
     module, x = with_net(ip)
     ip.user_ns["plain"] = torch.nn.Linear(2, 2)
+    ip.user_ns["torch"] = torch
     ip.user_ns["h"] = "from an earlier cell"
     result = run(ip, f"%%trace {line}\nh = net.layer1.output\n")
     assert isinstance(result.error_in_exec, UsageError)

@@ -49,14 +49,42 @@ def kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         manager.shutdown_kernel(now=True)
 
 
-def table_state(message: dict) -> list[str] | None:
-    """The row statuses an inspector table carries in this comm message, if it is one."""
-    if message["msg_type"] not in ("comm_open", "comm_msg"):
+class TableState:
+    """The row statuses the client would show, from the inspector's messages in arrival order: the whole table
+    (the widget's ``value``), a live patch (a custom message with the rows that changed), or the static rendering
+    that replaces the display when the run ends (``update_display_data``)."""
+
+    def __init__(self):
+        self.statuses: dict[int, str] = {}
+        self.html: list[str] = []   # every table or row HTML received, latest last
+
+    def update(self, message: dict) -> list[str] | None:
+        """The statuses after ``message`` if it is one of the inspector's, else ``None``."""
+        kind, content = message["msg_type"], message["content"]
+        if kind in ("comm_open", "comm_msg"):
+            data = content.get("data", {})
+            value = data.get("state", {}).get("value")
+            if isinstance(value, str) and 'class="nnsight-rows"' in value:
+                return self._whole(value)
+            patch = data.get("content") if data.get("method") == "custom" else None
+            if isinstance(patch, dict) and "rows" in patch:
+                for node, row in patch["rows"]:
+                    self.statuses.update({int(index): status for index, status in _ROW.findall(row)})
+                    self.html.append(row)
+                return self.current()
+        if kind == "update_display_data":
+            value = content.get("data", {}).get("text/html", "")
+            if 'class="nnsight-rows"' in value:
+                return self._whole(value)
         return None
-    value = message["content"].get("data", {}).get("state", {}).get("value")
-    if not isinstance(value, str) or 'class="nnsight-rows"' not in value:
-        return None
-    return [status for _, status in _ROW.findall(value)]
+
+    def _whole(self, value: str) -> list[str]:
+        self.statuses = {int(index): status for index, status in _ROW.findall(value)}
+        self.html.append(value)
+        return self.current()
+
+    def current(self) -> list[str]:
+        return [self.statuses[index] for index in sorted(self.statuses)]
 
 
 def test_updates_arrive_while_the_cell_is_still_running(kernel, tmp_path: Path):
@@ -66,7 +94,7 @@ def test_updates_arrive_while_the_cell_is_still_running(kernel, tmp_path: Path):
     assert setup["content"]["status"] == "ok", setup["content"]
 
     events: list[tuple[str, object, str]] = []          # (what, detail, the kernel's time stamp) in arrival order
-    tables: list[str] = []
+    tables = TableState()
     printed: list[str] = []
     shown_text = ""
     msg_id = kernel.execute(TRACE_CELL)
@@ -81,10 +109,9 @@ def test_updates_arrive_while_the_cell_is_still_running(kernel, tmp_path: Path):
                 message = None
             if message is not None and message["parent_header"].get("msg_id") == msg_id:
                 stamp = str(message["header"]["date"])
-                state = table_state(message)
+                state = tables.update(message)
                 if state is not None:
                     events.append(("table", state, stamp))
-                    tables.append(message["content"]["data"]["state"]["value"])
                 elif message["msg_type"] == "display_data":
                     data = message["content"]["data"]
                     if "application/vnd.jupyter.widget-view+json" in data:
@@ -137,7 +164,7 @@ def test_updates_arrive_while_the_cell_is_still_running(kernel, tmp_path: Path):
     assert [row[2:6] for row in columns] == [["layer1.output", "(3, 10)", "float32", "pending"],
                                              ["model.output", "(3, 2)", "float32", "pending"]]
     minimum, mean, maximum = (float(value) for value in "".join(printed).split()[1:4])
-    assert f"min {minimum:.3g}  mean {mean:.3g}  max {maximum:.3g}" in tables[-1]
+    assert f"min {minimum:.3g}  mean {mean:.3g}  max {maximum:.3g}" in tables.html[-1]
 
 
 def test_the_kernelspec_comes_from_the_top_level_kernel_folder(tmp_path: Path):

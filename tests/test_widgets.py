@@ -41,16 +41,35 @@ class Recorder:
         self.messages: list[tuple[str, str, dict]] = []
 
     def updates(self, widget: Any, key: str) -> list[Any]:
-        """The values of ``key`` that ``widget`` sent, in order (its opening state first)."""
+        """The values of ``key`` that ``widget`` sent, in order (its opening state first); for the live table's
+        ``value``, what its front end shows after each message: the last whole table with the patches since."""
         values = []
         for comm_id, msg_type, data in self.messages:
+            if comm_id != widget.model_id:
+                continue
             state = data.get("state", {})
-            if comm_id == widget.model_id and key in state:
+            if key in state:
                 values.append(state[key])
+            elif key == "value" and data.get("method") == "custom" and values:
+                values.append(apply_patch(values[-1], data["content"]))
         return values
 
     def last(self, widget: Any, key: str) -> Any:
         return self.updates(widget, key)[-1]
+
+
+def apply_patch(table: str, patch: dict) -> str:
+    """What ``widgets/inspector.js`` does with a patch of the live table: the new header part, rows and heads."""
+    top, scroll, rows = table.partition('<div class="nnsight-scroll">')
+    assert top.startswith('<div class="nnsight-top">') and scroll
+    for node, row in patch["rows"]:
+        rows, found = re.subn(rf'<tr [^>]*data-node="{node}"[^>]*>.*?</tr>', lambda _: row, rows, count=1, flags=re.S)
+        assert found == 1, f"patched row {node} is not in the table"
+    for position, head in patch["heads"]:
+        rows, found = re.subn(rf'(<tbody [^>]*data-index="{position}"[^>]*>)<tr class="group-head.*?</tr>',
+                              lambda match: match.group(1) + head, rows, count=1, flags=re.S)
+        assert found == 1, f"patched group head {position} is not in the table"
+    return f'<div class="nnsight-top">{patch["top"]}</div>{scroll}{rows}'
 
 
 @pytest.fixture
@@ -420,8 +439,11 @@ def test_summaries_of_tensors_use_torch_statistics():
     assert (summary.minimum, summary.mean, summary.maximum, summary.std) == \
            (big.min().item(), big.mean().item(), big.max().item(), big.std().item())
     assert summary.picture == "histogram" and len(summary.bins) == HISTOGRAM_BINS
-    assert list(summary.bins) == torch.histc(big, bins=HISTOGRAM_BINS, min=big.min().item(),
-                                             max=big.max().item()).tolist()
+    low, high = big.min().item(), big.max().item()
+    by_hand = [0.0] * HISTOGRAM_BINS            # bin of v: floor((v - low) / (high - low) * bins), the max in the last
+    for value in big.reshape(-1).tolist():
+        by_hand[min(HISTOGRAM_BINS - 1, int((value - low) * (HISTOGRAM_BINS / (high - low))))] += 1
+    assert list(summary.bins) == by_hand
     assert sum(summary.bins) == big.numel()
     small = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
     assert summarize(small).picture == "strip" and summarize(small).bins == (0.5, -1.0, 2.0, 0.0)
@@ -449,7 +471,7 @@ def test_pictures_are_small_svgs():
     histogram = summarize(torch.arange(1000.0)).svg()
     tree = ElementTree.fromstring(histogram)
     assert tree.get("data-picture") == "histogram"
-    assert len(tree.findall("{http://www.w3.org/2000/svg}rect")) == HISTOGRAM_BINS
+    assert len(list(tree.iter("{http://www.w3.org/2000/svg}rect"))) == HISTOGRAM_BINS
     strip = ElementTree.fromstring(summarize(torch.tensor([-1.0, 0.0, 1.0])).svg())
     assert [rect.get("fill") for rect in strip.findall("{http://www.w3.org/2000/svg}rect")] == \
         ["#0000ff", "#ffffff", "#ff0000"]
@@ -513,7 +535,7 @@ def test_the_graph_is_drawn_with_the_seed_styles(recorder, net, x):
     assert groups[1].find(f"{namespace}polygon").get("stroke") == "var(--jp-brand-color1, #1976d2)"  # apply: blue
     assert groups[4].find(f"{namespace}polygon").get("stroke") == "var(--jp-warn-color1, #f57c00)"      # condition: an orange hexagon
     assert groups[8].find(f"{namespace}polygon").get("stroke") == "var(--jp-error-color1, #d32f2f)"      # stop: a red hexagon
-    edges = [path for path in svg.iter(f"{namespace}path") if path.get("class") == "edge"]
+    edges = [path for path in svg.iter(f"{namespace}path") if "edge" in path.get("class", "").split()]
     expected = [(dependency, node.index) for node in graph.nodes for dependency in node.dependencies]
     assert [(int(path.get("data-from")), int(path.get("data-to"))) for path in edges] == expected
     dashed = {(int(path.get("data-from")), int(path.get("data-to"))) for path in edges if path.get("stroke-dasharray")}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from magic_shell import run
+from magic_shell import plain, run
 from nnsight_magic import NNsight
 from nnsight_magic.widgets import inspector as inspector_module
 
@@ -67,3 +67,25 @@ def test_tb_shows_the_whole_traceback_after_a_trimmed_one(ip, shown):
     short = cell_frames(result.error_in_exec)
     whole = [frame.filename for frame in traceback.extract_tb(sys.last_traceback)]
     assert len(whole) > len(short) + 3 and any("torch" in name for name in whole)
+
+
+def test_the_shown_traceback_starts_at_the_cells_own_line(ip, shown, capsys):
+    ip.user_ns.update(wide=NNsight(torch.nn.Sequential(torch.nn.Linear(4, 3))))
+    run(ip, "%%trace wide x\nh = wide[0].output\nbad = h[:, 99]\n")
+    printed = plain(capsys.readouterr().out)
+    assert "run_cell_magic" not in printed and "magics.py" not in printed
+    cell = printed[printed.index("Cell In["):]
+    assert cell.splitlines()[1:4] == ["      1 %%trace wide x", "      2 h = wide[0].output",
+                                       "----> 3 bad = h[:, 99]"]
+    assert "IndexError: line 3 `bad = h[:, 99]`" in printed
+
+
+def test_an_interrupt_is_shown_at_the_magics_line(ip, shown, capsys):
+    run(ip, "%%trace net x\nh = net[0].output\nout = net.output\n")
+    printed = plain(capsys.readouterr().out)
+    assert "run_cell_magic" not in printed and "with tracer" not in printed
+    cell = printed[printed.index("Cell In["):]
+    assert cell.splitlines()[1:4] == ["----> 1 %%trace net x", "      2 h = net[0].output", "      3 out = net.output"]
+    assert "nothing this cell assigns was bound" in printed
+    run(ip, "%tb")                                                    # %tb: the whole traceback again
+    assert "Tracer.__exit__" in plain(capsys.readouterr().out)

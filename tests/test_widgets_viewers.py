@@ -10,7 +10,7 @@ import torch
 
 from language_fixtures import make_tiny_gpt2, tokenizer_or_skip
 from nnsight_magic.models.language import LanguageModel
-from nnsight_magic.widgets import AttentionHeads, LogitLens, TensorView, TokenValues, view
+from nnsight_magic.widgets import AttentionHeads, GraphInspector, LogitLens, TensorView, TokenValues, view
 from nnsight_magic.widgets.assets import asset_path, viewer_module
 
 
@@ -74,3 +74,79 @@ def test_front_end_sources_live_at_the_top_of_the_repository_and_are_self_contai
     for name in ("logit_lens", "attention_heads", "token_values", "tensor_view"):
         module = viewer_module(name)
         assert "export default" in module and not re.search(r"^import ", module, re.MULTILINE)
+
+
+# ---------------------------------------------------------------------- viewers chosen after the run
+def test_the_inspector_chooses_a_viewer_only_for_values_whose_kind_the_graph_tells():
+    tokenizer = tokenizer_or_skip()
+    model = make_tiny_gpt2()
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    prompt = "The Eiffel Tower is in"
+    ids = tokenizer(prompt)["input_ids"]
+    with lm.trace(prompt) as tracer:
+        inspector = GraphInspector(tracer)
+        lens = [lm.lm_head(lm.transformer.ln_f(block.output[0, -1])).softmax(-1).save()
+                for block in lm.transformer.h]                                 # a loop on one line: a lens
+        stacked = torch.stack([lm.lm_head(lm.transformer.ln_f(block.output[0])).softmax(-1)
+                               for block in lm.transformer.h]).save()         # a stack of lens rows: a lens
+        pattern = lm.transformer.h[1].attn.pattern.save()                     # a pattern: attention heads
+        norms = lm.transformer.h[0].output.norm(dim=-1).save()                # one value per token: token values
+        hidden = lm.transformer.h[0].output.save()                            # shapes alone: no viewer
+        final = lm.lm_head.output[0, -1].softmax(-1).save()                   # one distribution: no viewer
+        top = lm.lm_head.output.argmax(-1).save()                             # (1, tokens) of ids: no viewer
+    blocks: list[torch.Tensor] = []                                            # the ground truth, by hand
+    hooks = [block.register_forward_hook(lambda module, args, output: blocks.append(
+                 output[0] if isinstance(output, tuple) else output))
+             for block in model.transformer.h]
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.no_grad():
+        rows = torch.stack([model.lm_head(model.transformer.ln_f(h[0])).softmax(-1) for h in blocks])
+    chosen = {(entry.kind, type(entry.viewer).__name__, len(entry.nodes)) for entry in inspector.viewers}
+    assert chosen == {("logit lens", "LogitLens", 2), ("logit lens", "LogitLens", 1),
+                      ("attention heads", "AttentionHeads", 1), ("token values", "TokenValues", 1)}
+    loop, stack = [entry.viewer for entry in inspector.viewers if entry.kind == "logit lens"]
+    assert [[token for token, _ in row] for row in loop.data["top"]] == rows[:, -1:].argmax(-1).tolist()
+    assert loop.data["tokens"] == [tokenizer.decode(ids[-1])]
+    assert [[token for token, _ in row] for row in stack.data["top"]] == rows.argmax(-1).tolist()
+    assert stack.data["tokens"] == [tokenizer.decode(token) for token in ids]
+    [heads] = [entry.viewer for entry in inspector.viewers if entry.kind == "attention heads"]
+    # the pattern itself is checked against HF's eager attention in test_attention_pattern.py
+    assert torch.allclose(torch.tensor(heads.data["patterns"]), pattern.value[0], atol=1e-3)  # rounded to 3 places
+    [per_token] = [entry.viewer for entry in inspector.viewers if entry.kind == "token values"]
+    truth = blocks[0][0].norm(dim=-1)
+    assert torch.allclose(torch.tensor(per_token.data["values"]), truth, atol=1e-4)         # rounded to 4 places
+    assert per_token.data["tokens"] == [tokenizer.decode(token) for token in ids]
+    assert all(len(entry.nodes) <= 2 for entry in inspector.viewers)
+    assert {hidden.node.index, final.node.index, top.node.index}.isdisjoint(
+        index for entry in inspector.viewers for index in entry.nodes)
+    assert "logit lens: LogitLens" in inspector.result_text()
+
+
+def test_without_a_tokenizer_or_with_an_error_no_viewer_is_chosen():
+    lm = LanguageModel(make_tiny_gpt2())
+    with lm.trace(torch.tensor([[1, 2, 3]])) as tracer:
+        inspector = GraphInspector(tracer)
+        lm.transformer.h[0].output.norm(dim=-1).save()                        # tokens unknown: no token values
+        pattern = lm.transformer.h[1].attn.pattern.save()                     # the kind is known: heads
+    assert [(entry.kind, entry.nodes) for entry in inspector.viewers] == [("attention heads", [pattern.node.index])]
+    with pytest.raises(IndexError):
+        with lm.trace(torch.tensor([[1, 2, 3]])) as tracer:
+            failed = GraphInspector(tracer)
+            lm.transformer.h[1].attn.pattern.save()
+            lm.transformer.h[0].output[5].save()
+    assert failed.viewers == []
+
+
+def test_a_decoding_steps_pattern_gets_no_heads_grid_and_the_run_still_shows():
+    lm = LanguageModel(make_tiny_gpt2())
+    with lm.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2) as tracer:
+        inspector = GraphInspector(tracer)
+        with tracer.iter[1]:
+            step = lm.transformer.h[1].attn.pattern.save()        # one query row over 4 keys: not a grid
+    assert step.value.shape == (1, 4, 1, 4)
+    assert inspector.state == "done" and inspector.viewers == []

@@ -18,7 +18,7 @@ from language_fixtures import make_tiny_gpt2, tokenizer_or_skip
 from magic_shell import ok
 from nnsight_magic import NNsight
 from nnsight_magic.models.language import LanguageModel
-from nnsight_magic.widgets import GraphInspector, summarize
+from nnsight_magic.widgets import GraphInspector, LogitLens, summarize
 from nnsight_magic.widgets import inspector as inspector_module
 from nnsight_magic.widgets.table import CSS
 
@@ -91,6 +91,15 @@ def test_a_loop_over_thirty_layers_folds_into_one_group_per_line(notebook):
     assert 'class="nnsight-scroll"' in page and "max-height: 26em" in page     # a bounded, scrolling table
     text = inspector.text().splitlines()
     assert len(text) - len(inspector.table.summary_lines()) == 8 and re.search(r"^\s*2\s+×30\s+layers\[i\]\.output → …", text[2])
+
+
+def test_a_numbered_child_of_the_root_reads_as_an_index_of_the_model():
+    net = NNsight(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    with net.trace(torch.rand(2, 4)) as tracer:
+        net[0].output.save()
+        net[1](net[0].output)
+    assert [row.expression for row in GraphInspector(tracer.graph).rows] == \
+        ["model[0].output", "model[1](model[0].output)"]   # one node per value read
 
 
 def test_integers_read_as_integers_and_token_ids_are_decoded():
@@ -171,6 +180,8 @@ def test_generation_shows_the_tokens_so_far_even_when_the_cell_reads_only_the_re
     with lm.generate("The Eiffel Tower is in", max_new_tokens=4) as tracer:
         inspector = GraphInspector(tracer, update_interval=0)
         inspector.live.observe(lambda change: seen.append(change["new"]), "value")
+        send_patch = inspector.live.patch          # while it runs, updates are patches: the header and changed rows
+        inspector.live.patch = lambda top, rows, heads: (seen.append(top), send_patch(top, rows, heads))
         result = tracer.result.save()
     prompt_length = len(tokenizer("The Eiffel Tower is in")["input_ids"])
     generated = result.value[0, prompt_length:].tolist()
@@ -179,3 +190,19 @@ def test_generation_shows_the_tokens_so_far_even_when_the_cell_reads_only_the_re
     counts = [int(match) for page in seen for match in re.findall(r'class="generated" data-tokens="(\d+)"', page)]
     assert counts[:4] == [1, 2, 3, 4]                      # one more token at each update while it generated
     assert "streamer" not in tracer.run_options           # the run's options are as the cell gave them
+
+
+def test_a_trace_cell_shows_the_viewer_its_graph_tells_under_the_inspector(notebook):
+    tokenizer = tokenizer_or_skip()
+    notebook.user_ns.update(lm=LanguageModel(make_tiny_gpt2(), tokenizer=tokenizer), prompt="The Eiffel Tower is in")
+    ok(notebook, "%%trace lm prompt\n"
+                 "lens = [lm.lm_head(lm.transformer.ln_f(block.output[0, -1])).softmax(-1) for block in lm.transformer.h]\n"
+                 "hidden = lm.transformer.h[0].output\n")
+    inspector, viewer = notebook.shown                  # the inspector, then the lens; `hidden` gets no viewer
+    assert isinstance(inspector, GraphInspector) and isinstance(viewer, LogitLens)
+    lens = notebook.user_ns["lens"]
+    assert [[token for token, _ in row] for row in viewer.data["top"]] == [[int(row.argmax())] for row in lens]
+    assert viewer.data["tokens"] == [" in"]
+    ok(notebook, "%%trace lm prompt --no-widget\nlens = [lm.lm_head(block.output[0, -1]).softmax(-1) "
+                 "for block in lm.transformer.h]\n")
+    assert len(notebook.shown) == 2                     # no inspector, no viewer

@@ -1,5 +1,6 @@
-// The live inspector's front end (anywidget): the table HTML the kernel sends, a filter box, and the folded
-// groups and scroll position kept across updates (the kernel re-sends the table a few times a second).
+// The live inspector's front end (anywidget): the table HTML the kernel sends once, patched in place while the
+// model runs (custom messages with the header and the rows and group heads that changed), a filter box, and the
+// folded groups and scroll position kept across updates.
 function openGroups(el) {
   return new Set([...el.querySelectorAll("tbody[data-group]")]
     .filter((body) => body.querySelector("input.nnsight-fold:checked"))
@@ -12,6 +13,30 @@ function applyFilter(el, query) {
   root.classList.toggle("filtering", q.length > 0);
   for (const row of root.querySelectorAll("tr[data-node]")) {
     row.classList.toggle("nomatch", q.length > 0 && !row.textContent.toLowerCase().includes(q));
+  }
+}
+
+// One table row from its HTML (a <tr> parses only inside a table).
+function parseRow(html) {
+  const template = document.createElement("template");
+  template.innerHTML = `<table><tbody>${html}</tbody></table>`;
+  return template.content.querySelector("tr");
+}
+
+function applyPatch(live, patch) {
+  const top = live.querySelector(".nnsight-top");
+  if (top) top.innerHTML = patch.top;
+  for (const [node, html] of patch.rows) {
+    const row = live.querySelector(`tr[data-node="${node}"]`);
+    if (row) row.replaceWith(parseRow(html));
+  }
+  for (const [position, html] of patch.heads) {
+    const head = live.querySelector(`tbody[data-index="${position}"] > tr.group-head`);
+    if (!head) continue;
+    const open = head.querySelector("input.nnsight-fold").checked;
+    const fresh = parseRow(html);
+    if (open) fresh.querySelector("input.nnsight-fold").checked = true;
+    head.replaceWith(fresh);
   }
 }
 
@@ -36,10 +61,18 @@ function render({ model, el }) {
     if (again) again.scrollTop = top;
     applyFilter(el, filter.value);
   };
+  const patch = (content) => {
+    applyPatch(live, content);
+    applyFilter(el, filter.value);
+  };
   filter.addEventListener("input", () => applyFilter(el, filter.value));
   model.on("change:value", draw);
+  model.on("msg:custom", patch);
   draw();
-  return () => model.off("change:value", draw);
+  return () => {
+    model.off("change:value", draw);
+    model.off("msg:custom", patch);
+  };
 }
 
 export default { render };

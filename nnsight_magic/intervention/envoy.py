@@ -27,6 +27,7 @@ from .source import SourceEnvoy
 from .source_install import SourceOperations
 
 _VALUE_NAMES = ("output", "input", "inputs")
+_POSITIONS = tuple(str(index) for index in range(256))  # a ModuleList's child names, made once
 
 
 class Envoy:
@@ -136,6 +137,9 @@ class Envoy:
             envoy_class = next((classes[kind] for kind in type(module).__mro__ if kind in classes), Envoy)
             child = envoy_class(module, path, self._root)
             self._children[name] = child
+            if self._root is not self and not name.startswith("_") and not hasattr(type(self), name):
+                # later `envoy.name` reads are plain attribute hits (not on the root, whose copies share its dict)
+                object.__setattr__(self, name, child)
         return child
 
     def __getattr__(self, name: str) -> Any:
@@ -143,7 +147,8 @@ class Envoy:
             raise AttributeError(name)  # not yet set (during construction or copying)
         module = self._module
         if name in module._modules:
-            return self._child(name)
+            child = self._children.get(name)
+            return child if child is not None else self._child(name)
         if name.startswith("__"):
             raise AttributeError(name)
         aliases = self._root.__dict__.get("_aliases")
@@ -181,11 +186,13 @@ class Envoy:
         else:
             setattr(self._module, name, value)
             self._children.pop(name, None)
+            self.__dict__.pop(name, None)
 
     def __getitem__(self, key: int | str | slice) -> Any:
         module = self._module
         if type(key) is int and isinstance(module, torch.nn.ModuleList) and 0 <= key < len(module._modules):
-            return self._child(str(key))  # a ModuleList names its children by position
+            child = self._children.get(_POSITIONS[key] if key < len(_POSITIONS) else str(key))  # named by position
+            return child if child is not None else self._child(str(key))
         names = list(module._modules)
         if isinstance(key, slice):
             return [self._child(name) for name in names[key]]

@@ -48,6 +48,8 @@ def earliest_positions(graph: Graph, entry_position: Callable[[Node], float | No
 
 def check_order(graph: Graph, entry_position: Callable[[Node], float | None]) -> None:
     """Raise ``OutOfOrderError`` for the first change that needs a value from later in the run."""
+    if not graph.writes and not graph.swap_indices:
+        return  # only changes (edits in place, assignments) can come too late
     positions = earliest_positions(graph, entry_position)
     changes = [(write, root) for write, root in graph.writes.items()]
     changes += [(node.index, node.args[0].index) for node in graph.nodes if node.op == "swap"]

@@ -191,7 +191,8 @@ class Tracer:
             kwargs = self._to_nodes(kwargs)
         node = self.graph.create_node(op, target, args, kwargs, filename=filename, lineno=lineno, meta=meta,
                                       fake=fake, after=after)
-        if node.fake is None and getattr(target, "structural", False) and self.graph.shape_inference is not None:
+        if op == "call_function" and node.fake is None and getattr(target, "structural", False) and \
+                self.graph.shape_inference is not None:
             node.fake = _structural_fake(node)
         proxy = Proxy(node, self)
         self._proxies.append(weakref.ref(proxy))
@@ -227,7 +228,8 @@ class Tracer:
 
     # --------------------------------------------------------------------------------- module values (Envoy)
     def _key(self, path: str, kind: str, invoke: Any = "current") -> tuple:
-        section = self.graph.current_section
+        stack = self.graph._section_stack
+        section = stack[-1] if stack else None
         step = self._step_cursor if section is None else None
         if invoke == "current":
             invoke = None if self._implicit is not None else self._current_invoke  # one input: the whole batch
@@ -260,7 +262,8 @@ class Tracer:
             meta = {"call": call, "step": step or 0, "invoke": invoke}
             first_step = step if section is None else self.graph.sections[section].steps.first
             entry = self.create_proxy(op, path, (), {}, meta=meta,
-                                      fake=self._entry_fake(op, path, call, invoke, first_step))
+                                      fake=self._entry_fake(op, path, call, invoke, first_step) if self.validate
+                                      else None)
             self._entries[key] = entry
         return entry
 
@@ -329,7 +332,7 @@ class Tracer:
 
     # ------------------------------------------------------------------------------------------- proxies
     def save(self, proxy: Proxy) -> None:
-        proxy.node.saved = True
+        (proxy._node or proxy.node).saved = True  # an attribute proxy makes its node on first use
 
     def call_method(self, proxy: Proxy, name: str, args: tuple, kwargs: dict,
                     location: tuple[str, int] | None = None) -> Proxy:
@@ -538,16 +541,17 @@ class Tracer:
 
     def _detach(self, execution: Any) -> None:
         """After the run: saved proxies get their values; no proxy keeps this tracer alive any longer."""
+        state, values = (execution.state, execution.values) if execution is not None else ((), ())
+        saved, set_slot = self._saved, object.__setattr__
         for reference in self._proxies:
             proxy = reference()
             if proxy is None:
                 continue
             node = proxy._node
-            if execution is not None and node is not None and node.saved and \
-                    execution.state[node.index] == DONE_STATE:
-                object.__setattr__(proxy, "_value", execution.values[node.index])
-                self._saved.setdefault(node.index, []).append(reference)
-            object.__setattr__(proxy, "_tracer", None)
+            if execution is not None and node is not None and node.saved and state[node.index] == DONE_STATE:
+                set_slot(proxy, "_value", values[node.index])
+                saved.setdefault(node.index, []).append(reference)
+            set_slot(proxy, "_tracer", None)
         self._proxies = []
         if self._sources:
             release_sources(self)

@@ -78,7 +78,8 @@ def trim_to_user_code(error: BaseException, filename: str, shell: Any = None) ->
     error the engine did not annotate with the user's line, the frame that raised it (a bug in a function the
     cell called, a model that failed); the frames in between (the engine, ``torch.nn``, ``transformers``) are
     dropped. An interrupt gets a note saying what it left: nothing the cell assigns was bound. With ``shell``,
-    the whole traceback becomes ``sys.last_traceback`` once the cell's error was shown, so ``%tb`` prints it.
+    IPython shows it from the cell's first frame on (no ``run_cell_magic(...)`` line), and the whole traceback
+    becomes ``sys.last_traceback`` once the cell's error was shown, so ``%tb`` prints it.
     """
     full = error.__traceback__
     if full is None:
@@ -95,6 +96,8 @@ def trim_to_user_code(error: BaseException, filename: str, shell: Any = None) ->
     if interrupted:
         error.add_note("interrupted: nothing this cell assigns was bound; names keep the values they had before "
                        "the cell (the inspector shows what ran and what was saved)")
+    if shell is not None:
+        _show_from_the_cell(shell, error, filename, full)
     if len(kept) == len(entries):
         return
     chain = None
@@ -103,18 +106,49 @@ def trim_to_user_code(error: BaseException, filename: str, shell: Any = None) ->
     error.__traceback__ = chain
     if not is_annotated(error) or interrupted:
         error.add_note(f"({len(entries) - len(kept)} frames of the engine and the model are hidden: %tb shows them)")
-    if shell is not None:
-        _restore_full_traceback_after_display(shell, error, full)
 
 
-def _restore_full_traceback_after_display(shell: Any, error: BaseException, full: Any) -> None:
-    """After the cell, ``sys.last_traceback`` (what ``%tb`` and ``%debug`` read) is the whole traceback again."""
+def _show_from_the_cell(shell: Any, error: BaseException, filename: str, full: Any) -> None:
+    """IPython shows the error from the cell's first frame on, without the ``run_cell_magic(...)`` line IPython
+    compiled the magic into; after the cell, ``%tb`` and ``%debug`` get the whole traceback again.
+
+    IPython asks an exception for ``_render_traceback_()`` (the hook ipyparallel uses for remote errors) before
+    formatting it; this one formats the same traceback from the cell's first frame with IPython's own formatter.
+    """
+    def render() -> list[str]:
+        shown = error.__traceback__
+        while shown is not None and shown.tb_frame.f_code.co_filename != filename:
+            shown = shown.tb_next
+        if shown is None:  # the model ran when the cell's trace ended: show the cell at its magic's line
+            rest = error.__traceback__
+            while rest is not None and rest.tb_frame.f_code.co_filename != __file__.replace("cell_code", "magics"):
+                rest = rest.tb_next
+            shown = _at_the_magic_line(filename, rest.tb_next if rest is not None else None)
+        return shell.InteractiveTB.structured_traceback(type(error), error, shown)
+
     def restore(*_: Any) -> None:
         shell.events.unregister("post_run_cell", restore)
+        error.__dict__.pop("_render_traceback_", None)
         if getattr(sys, "last_value", None) is error:
             sys.last_traceback = full
 
+    error._render_traceback_ = render
     shell.events.register("post_run_cell", restore)
+
+
+def _at_the_magic_line(filename: str, rest: Any) -> Any:
+    """A traceback entry at line 1 of the cell (its ``%%trace`` line), followed by ``rest``.
+
+    The model runs when the cell's trace ends, after the cell's own code returned, so an error or interrupt there
+    has no frame in the cell; this entry gives it one: a line of code compiled under the cell's name raises once,
+    and its frame stands for the magic's line (IPython shows ``Cell In[N], line 1`` and the cell's text).
+    """
+    try:
+        exec(compile("raise LookupError", filename, "exec"), {})
+    except LookupError as anchor:
+        cell = anchor.__traceback__.tb_next
+        return types.TracebackType(rest, cell.tb_frame, cell.tb_lasti, cell.tb_lineno)
+    raise AssertionError("unreachable: the compiled line always raises")
 
 
 def current_cell_number(shell: Any) -> int:

@@ -19,8 +19,11 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 from traitlets import Bool, TraitError, Unicode, validate
 
+import torch
+
 from ..intervention.session import Session
 from ..intervention.tracer import Tracer
+from ..models.nnsight import NNsight
 from . import runtime
 from .bindings import CellBindings
 from .cell_code import compile_cell, current_cell_number, split_arguments, trim_to_user_code
@@ -148,9 +151,14 @@ class TraceMagics(Magics):
         return namespace.pop(RESULT_NAME, None)
 
     def _check_trace_arguments(self, args: Any, model: Any) -> None:
-        if not callable(getattr(model, "trace", None)):
-            raise UsageError(f"%%trace: MODEL `{args.model}` is a {type(model).__name__}, which cannot be traced; "
-                             "wrap it first: `net = NNsight(module)` or `lm = LanguageModel(hf_model, tokenizer=tok)`")
+        if not isinstance(model, NNsight):
+            if isinstance(model, torch.nn.Module):
+                raise UsageError(f"%%trace: MODEL `{args.model}` is a {type(model).__name__}, which cannot be traced; "
+                                 "wrap it first: `net = NNsight(module)` or `lm = LanguageModel(hf_model, "
+                                 "tokenizer=tok)`")
+            raise UsageError(f"%%trace: MODEL `{args.model}` is a {type(model).__name__}, not a model: the first word "
+                             "of `%%trace` is the model (an NNsight or LanguageModel, e.g. `net = NNsight(module)`), "
+                             "the inputs follow it: `%%trace net x`")
         if not args.tracer.isidentifier():
             raise UsageError(f"%%trace: --tracer needs a Python name, not `{args.tracer}`")
         if args.max_new_tokens is not None and not args.generate:

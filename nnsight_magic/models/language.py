@@ -17,6 +17,11 @@ Several prompts, in one list or in several ``tracer.invoke(...)`` blocks, run as
 padded on the left, with an attention mask and position ids that start at 0 at the prompt's first token, so
 batching does not change any prompt's result (up to float rounding of the batched matrix products).
 
+A model given by name is lazy by default (``dispatch=False``, as in nnsight): its module tree is built on the meta
+device from the config, so ``lm.scan(...)``, shapes while building, ``%%trace --scan`` and ``print(lm)`` read no
+weights; the first real run (``lm.trace``, ``lm.generate``, calling ``lm(...)``, or ``lm.dispatch()``) loads them
+with ``from_pretrained`` into the same Envoys (:mod:`nnsight_magic.models.loading`). ``dispatch=True`` loads at once.
+
 Inputs are moved to the device of the input embeddings, so a model on a GPU, or split over several with
 ``device_map``, takes prompts and token ids built on the CPU. Generation is in
 :mod:`nnsight_magic.models.generation`; the offline default model in :mod:`nnsight_magic.models.embedded`.
@@ -37,12 +42,11 @@ from ..intervention.tracer import Tracer
 from ..tracing.symbolic import Roles
 from .generation import GENERATE, GenerationTracer, decode_step_scan, first_step_runner, generation_options, \
     hf_generate_kwargs, user_line
+from .loading import SHARED_LOADING_KEYWORDS, LazyWeights, build_on_meta, load_model, load_tokenizer, move_envoys
 from .nnsight import NNsight, PreparedInput
 
 INPUT_KEYWORDS = ("input_ids", "attention_mask")
 DEFAULT_NEW_TOKENS = 20
-# keyword arguments of ``from_pretrained`` that the tokenizer needs too
-_SHARED_LOADING_KEYWORDS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only")
 
 
 class LanguageModel(NNsight):
@@ -53,6 +57,8 @@ class LanguageModel(NNsight):
             directory to load with ``AutoModelForCausalLM.from_pretrained``.
         tokenizer: the tokenizer, or a repo id / directory to load it from. When ``model`` is a name it defaults
             to that name's tokenizer. Without one, inputs must be token ids.
+        dispatch: with a name, load the weights now (``True``) or at the first real run (``False``, the default:
+            until then the parameters are on the meta device, and scans and shapes work without them).
         rename: extra module names (``{"transformer.h": "layers"}``), on top of the family's standard ones
             (``lm.layers[0].attn``, ``lm.embed``, ``lm.ln_final``, ``lm.unembed``; see :mod:`.aliases`).
         envoys: ``{module class: Envoy subclass}`` (see :class:`~nnsight_magic.models.nnsight.NNsight`).
@@ -64,27 +70,36 @@ class LanguageModel(NNsight):
 
     def __init__(self, model: torch.nn.Module | str | os.PathLike, tokenizer: Any = None, *,
                  rename: dict[str, str] | None = None, envoys: dict[type, type] | None = None,
-                 **from_pretrained_kwargs: Any):
+                 dispatch: bool = False, **from_pretrained_kwargs: Any):
+        lazy = None
         if isinstance(model, (str, os.PathLike)):
-            model, tokenizer = _load(os.fspath(model), tokenizer, from_pretrained_kwargs)
+            name = os.fspath(model)
+            if dispatch:
+                model = load_model(name, from_pretrained_kwargs)
+            else:
+                model, lazy = build_on_meta(name, from_pretrained_kwargs), LazyWeights(name, from_pretrained_kwargs)
+            tokenizer = _tokenizer_for(name, tokenizer, from_pretrained_kwargs)
         elif from_pretrained_kwargs:
             raise TypeError(f"{user_line()}: keyword arguments ({', '.join(from_pretrained_kwargs)}) are for "
                             "from_pretrained; pass them with a repo id or directory, not with a loaded model")
         elif isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = _load_tokenizer(os.fspath(tokenizer), {})
+            tokenizer = load_tokenizer(os.fspath(tokenizer), {})
         super().__init__(model, rename=rename, envoys={**attention_envoys(), **(envoys or {})})
         object.__setattr__(self, "_tokenizer", tokenizer)
+        object.__setattr__(self, "_lazy", lazy)  # shared with edited copies: the weights load once
         object.__setattr__(self, "_forward_parameters", set(inspect.signature(model.forward).parameters))
 
     # ------------------------------------------------------------------------------------------- contexts
     def trace(self, *inputs: Any, validate: bool = True, grad: bool | None = None, **kwargs: Any) -> Tracer:
         """Trace one forward pass over the prompt(s); keyword arguments other than ``input_ids`` and
         ``attention_mask`` go to the model's forward (``output_attentions=True``)."""
+        self.dispatch()
         input_kwargs, forward_kwargs = _split_inputs(kwargs)
         return Tracer(self, inputs, input_kwargs, validate=validate, grad=grad, run_options=forward_kwargs)
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
-        """Build and shape-check a trace without running the model (see :meth:`trace`)."""
+        """Build and shape-check a trace without running the model (see :meth:`trace`); a lazy model stays
+        unloaded."""
         input_kwargs, forward_kwargs = _split_inputs(kwargs)
         return Tracer(self, inputs, input_kwargs, run_options=forward_kwargs, scan_only=True)
 
@@ -98,6 +113,7 @@ class LanguageModel(NNsight):
             **kwargs: ``input_ids=`` / ``attention_mask=`` as the input, everything else for HF ``generate``
                 (``do_sample=True``, ``temperature=``, ...). Decoding is greedy unless ``do_sample`` is given.
         """
+        self.dispatch()
         input_kwargs, generate_kwargs = _split_inputs(kwargs)
         if max_new_tokens is None and "max_length" not in generate_kwargs:
             configured = getattr(getattr(self._module, "generation_config", None), "max_new_tokens", None)
@@ -105,6 +121,35 @@ class LanguageModel(NNsight):
         options = generation_options(max_new_tokens, generate_kwargs)
         return GenerationTracer(self, inputs, input_kwargs, run_options=options, context=self.context_length,
                                 validate=validate, grad=grad)
+
+    # ------------------------------------------------------------------------------------------ loading
+    def dispatch(self) -> "LanguageModel":
+        """Load a lazy model's weights now (``from_pretrained`` with the keywords it was created with); the Envoys
+        (``lm.transformer.h[0]``) stay the same objects. Does nothing when the weights are loaded. Returns ``lm``."""
+        lazy = self.__dict__.get("_lazy")
+        if lazy is not None and self._module is not lazy.module:
+            move_envoys(self, lazy.load())
+            object.__setattr__(self, "_forward_parameters", set(inspect.signature(self._module.forward).parameters))
+            self._scan_cache.clear()  # scans of the meta tree: inputs and weights may now be on another device
+            self._symbolic_scans.clear()
+        return self
+
+    @property
+    def dispatched(self) -> bool:
+        """Whether the weights are loaded (``False`` for a lazy model until its first real run)."""
+        lazy = self.__dict__.get("_lazy")
+        return lazy is None or self._module is lazy.module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Outside a trace, call the model (loading a lazy model first); inside, as any Envoy."""
+        if self._active_tracer is None:
+            self.dispatch()
+        return super().__call__(*args, **kwargs)
+
+    def to(self, *args: Any, **kwargs: Any) -> "LanguageModel":
+        """Move the model (``lm.to("cuda")``), loading a lazy model first; returns ``lm``."""
+        self.dispatch()
+        return super().to(*args, **kwargs)
 
     # ------------------------------------------------------------------------- inputs, batching, running
     def _prepare_input(self, *inputs: Any, **kwargs: Any) -> PreparedInput:
@@ -177,6 +222,10 @@ class LanguageModel(NNsight):
 
     def _run(self, prepared: PreparedInput, options: dict) -> Any:
         """One forward pass, or HF ``generate`` when ``options`` come from :meth:`generate`."""
+        if not self.dispatched:
+            raise RuntimeError(f"{user_line()}: this LanguageModel's weights are not loaded (it was created by "
+                               "name, lazily, and this run did not start from lm.trace or lm.generate); call "
+                               "lm.dispatch() first")
         input_ids, attention_mask = prepared.kwargs["input_ids"], prepared.kwargs["attention_mask"]
         if options.get(GENERATE):
             return self._module.generate(input_ids=input_ids, attention_mask=attention_mask,
@@ -297,36 +346,11 @@ def _split_inputs(kwargs: dict) -> tuple[dict, dict]:
     return inputs, {key: value for key, value in kwargs.items() if key not in INPUT_KEYWORDS}
 
 
-def _load(name: str, tokenizer: Any, kwargs: dict) -> tuple[torch.nn.Module, Any]:
-    """``AutoModelForCausalLM.from_pretrained(name, **kwargs)`` and the tokenizer; errors say what to do."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except OSError as error:
-        raise _loading_error(name, error) from error
-    shared = {key: kwargs[key] for key in _SHARED_LOADING_KEYWORDS if key in kwargs}
+def _tokenizer_for(name: str, tokenizer: Any, kwargs: dict) -> Any:
+    """The tokenizer of a model loaded by ``name``: the given one, loaded from a name, or ``name``'s own."""
+    shared = {key: kwargs[key] for key in SHARED_LOADING_KEYWORDS if key in kwargs}
     if tokenizer is None:
-        tokenizer = _load_tokenizer(name, shared)
-    elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = _load_tokenizer(os.fspath(tokenizer), shared)
-    return model.eval(), tokenizer
-
-
-def _load_tokenizer(name: str, kwargs: dict) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name, **kwargs)
-    except OSError as error:
-        raise _loading_error(name, error) from error
-
-
-def _loading_error(name: str, error: OSError) -> OSError:
-    if os.path.isdir(name):
-        return OSError(f"{user_line()}: the directory {name!r} does not hold a loadable model: {error}")
-    return OSError(
-        f"{user_line()}: cannot load {name!r}: it is not a local directory, and from_pretrained failed ({error}). "
-        "Without network access a repo id loads only from the Hugging Face cache: download it once where the hub "
-        f"is reachable (`hf download {name}`), pass a local directory or a loaded model, or use "
-        "nnsight_magic.load_embedded_model(), which needs no hub")
+        return load_tokenizer(name, shared)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return load_tokenizer(os.fspath(tokenizer), shared)
+    return tokenizer

@@ -56,8 +56,10 @@ class Connection:
     looked up again through the front door (a restarted model actor, or a restarted server); if it still cannot
     be reached (the front door is behind a tunnel), requests go to the front door, which forwards them.
     A connection idle for less than :attr:`REUSE_SECONDS` is reused (the doors keep them 30 s) unless its server
-    has closed it; a describe or scan that finds it closed is sent again on a new one, a run never is (it may
-    have started).
+    has closed it. A request that got no answer's headers is sent again (a door sends them before it begins a
+    run, so the run never started): on a new connection, or, from a model's own door that broke it (its actor
+    ending), once the front door has told where the restarted actor listens. A run that broke after its headers
+    is never sent again (it may have run): it fails with a ``RuntimeError``.
     """
 
     REUSE_SECONDS = 10.0
@@ -147,9 +149,11 @@ class Connection:
                                            f"{action}", body=body, headers=headers)
                 return connection, connection.getresponse()
             except (OSError, http.client.HTTPException) as error:
-                connection.close()
-                if reused and action != "run":
+                connection.close()  # no answer's headers: the door never began this request (it sends them first)
+                if reused:
                     continue  # the door closed the idle connection: send again on a new one
+                if url != self.url:
+                    raise _Unreachable(str(error)) from error  # a model actor ending or restarting: locate it again
                 raise ConnectionError(f"cannot reach the model server at {url}: {error}") from error
 
     def locate(self) -> dict:

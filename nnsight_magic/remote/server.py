@@ -51,7 +51,8 @@ class Server:
                 ray.get(self.door.stop.remote(), timeout=30)
             finally:
                 ray.kill(self.door, no_restart=True)
-                _doors.pop(self._host, None)
+                if _doors.get(self._host, (None,))[0] is self.door:
+                    del _doors[self._host]  # the shared door of this host is gone: the next serve starts one
 
     def __repr__(self) -> str:
         return f"<Server {self.name!r} at {self.url}>"
@@ -65,8 +66,9 @@ def serve(model: Any, name: str, token: str, *, host: str = "127.0.0.1", port: i
     Args:
         token: the secret clients must send; compared as a SHA-256 digest, never stored in the clear.
         host, port: where the front door listens (a door this process started on ``host`` is reused when
-            ``port`` is ``None``; ``0`` picks a free port); the model's own door listens on ``host`` too, on
-            ``model_port`` (``0``: a free one; a client that cannot reach it goes through the front door).
+            ``port`` is ``None``; a port given, ``0`` for a free one, gets a door of its own); the model's own
+            door listens on ``host`` too, on ``model_port`` (``0``: a free one; a client that cannot reach it
+            goes through the front door).
         address: a Ray cluster to join (``"auto"``, ``"ray://..."``); default: the running one, or a new local one.
         num_gpus: GPUs for the model actor (default: 1 when the cluster has a GPU, else 0).
         num_cpus: CPUs Ray reserves for the model actor (0: it may share a node's CPUs with others).
@@ -99,7 +101,8 @@ def _door(host: str, port: int | None, limits: Limits | None) -> tuple[Any, int]
         return _doors[host]
     door = ray.remote(Door).options(num_cpus=0, max_concurrency=1000).remote(limits)
     bound = ray.get(door.start.remote(host, port or 0), timeout=60)
-    _doors[host] = (door, bound)
+    if port is None:
+        _doors[host] = (door, bound)  # a door on a port one asked for is that server's own, never shared
     return door, bound
 
 
@@ -110,5 +113,7 @@ def _source(model: Any) -> dict:
     if not isinstance(model, NNsight):
         raise TypeError(f"serve takes an NNsight or LanguageModel (or a hub id, a directory, 'embedded'), not "
                         f"{type(model).__name__}")
+    if not getattr(model, "dispatched", True):
+        model.dispatch()  # a lazy LanguageModel: the actor gets the loaded weights, not the meta tree
     return {"kind": "object", "module": model._module, "tokenizer": getattr(model, "tokenizer", None),
             "language": hasattr(model, "tokenizer")}

@@ -51,7 +51,7 @@ def load_model(source: dict) -> Any:
         model = load_embedded_model()
         return model.to("cuda") if torch.cuda.is_available() else model
     options = {"device_map": "auto"} if torch.cuda.device_count() > 1 else {}
-    model = LanguageModel(name, **options)
+    model = LanguageModel(name, dispatch=True, **options)  # the weights now: a server runs traces directly
     return model.to("cuda") if torch.cuda.is_available() and not options else model
 
 

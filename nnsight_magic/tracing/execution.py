@@ -30,7 +30,7 @@ import torch
 from ..errors import annotate
 from .graph import Graph
 from .interpreter import Interpreter
-from .node import Node, map_nodes
+from .node import ENTRY_OPS, Node, map_nodes
 
 PENDING, DONE, FREED, SKIPPED = 0, 1, 2, 3
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FREED: "freed", SKIPPED: "skipped"}
@@ -106,9 +106,10 @@ class Execution(Interpreter):
     # ------------------------------------------------------------------------------------------- life cycle
     def start(self) -> None:
         """Queue every node outside iteration blocks that waits for nothing (constants, ``tracer.list()``)."""
+        waiting, ready = self.waiting, self.ready
         for node in self.nodes:
-            if not self.waiting[node.index] and not node.is_entry and node.section is None:
-                heapq.heappush(self.ready, node.index)
+            if not waiting[node.index] and node.op not in ENTRY_OPS and node.section is None:
+                heapq.heappush(ready, node.index)
 
     def deliver(self, index: int, value: Any) -> None:
         """Give entry node ``index`` its value (from a hook) and tell whoever waits on it."""
@@ -118,6 +119,24 @@ class Execution(Interpreter):
         self._release_dependencies(self.nodes[index])
         self._notify(index)
         self._free_if_unread(index)
+
+    def store(self, index: int, value: Any) -> None:
+        """:meth:`deliver` for an entry that nothing in the graph reads (a plain ``.save()``): keep the value if
+        it is saved or kept, else drop it; there is no one to tell."""
+        state = self.state
+        if state[index] != PENDING:
+            return
+        observer = self.observer
+        if self.nodes[index].saved or index in self.keep:
+            self.values[index] = value
+            state[index] = DONE
+            if observer is not None:
+                observer.node_status(index, DONE)
+        else:
+            state[index] = FREED
+            if observer is not None:
+                observer.node_status(index, DONE)
+                observer.node_status(index, FREED)
 
     def run_ready(self, limit: int | None = None) -> None:
         """Run ready nodes, lowest index first; with ``limit``, only nodes created before node ``limit``."""

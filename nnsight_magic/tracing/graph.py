@@ -27,7 +27,7 @@ import contextlib
 import operator
 from typing import Any, Iterator
 
-from .node import Node, contains_node, describe_fake, iter_nodes
+from .node import ENTRY_OPS, Node, contains_node, describe_fake, iter_nodes
 
 _INPLACE_OPERATORS = frozenset({
     operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
@@ -211,9 +211,9 @@ class Graph:
         if meta:
             node.meta.update(meta)
         node.section = self._section_stack[-1] if self._section_stack else None
-        data = _dependency_indices(node.args, node.kwargs)
+        data = _dependency_indices(node.args, node.kwargs) if args or kwargs else ()
         node.data_dependencies = data
-        is_entry = node.is_entry
+        is_entry = op in ENTRY_OPS
         if self.shape_inference is not None:
             node.fake = fake if is_entry else self.shape_inference.infer(node)
         elif fake is not None:

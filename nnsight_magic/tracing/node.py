@@ -294,12 +294,14 @@ def describe_operation(node: Node) -> str:
 
 
 def module_label(path: str) -> str:
-    """``model.layers.5.mlp`` → ``model.layers[5].mlp`` (``model`` for the root)."""
+    """``model.layers.5.mlp`` → ``model.layers[5].mlp`` (``model`` for the root, ``model[0]`` for the root's
+    numbered child, as in an ``nn.Sequential``)."""
     if not path:
         return "model"
-    parts = []
+    parts: list[str] = []
     for part in path.split("."):
-        if part.isdigit() and parts:
+        if part.isdigit():
+            parts = parts or ["model"]
             parts[-1] += f"[{part}]"
         else:
             parts.append(part)

@@ -102,7 +102,9 @@ def graph_svg(graph: Graph) -> str:
     parts = [f'<svg class="nnsight-graph" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="monospace" font-size="11">',
              f'<defs><marker id="nnsight-arrow" viewBox="0 0 8 8" refX="8" refY="4" markerWidth="7" markerHeight="7" '
-             'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="{theme.TEXT_MUTED}"/></marker></defs>']
+             f'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="{theme.TEXT_MUTED}"/></marker></defs>',
+             f'<style>.nnsight-graph .edge {{ fill: none; stroke: {theme.TEXT_MUTED}; stroke-width: 1.2; '
+             f'marker-end: url(#nnsight-arrow); }} .nnsight-graph .edge.order {{ stroke: {theme.BORDER}; }}</style>']
     parts.append(legend)
     for source, target, is_data in edges:
         parts.append(_edge(placed[source], placed[target], is_data))
@@ -129,11 +131,16 @@ class GraphView(ipywidgets.HTML):
 
     def show(self, graph: Graph) -> None:
         """Draw ``graph`` (replacing what was drawn)."""
-        drawing = f'<div style="overflow:auto; max-height:520px">{graph_svg(graph)}</div>'
-        if self.folded:
-            drawing = (f'<details class="nnsight-graph-panel"><summary style="cursor:pointer; font-weight:600">graph'
-                       f'</summary>{drawing}</details>')
-        self.value = drawing
+        self.value = graph_drawing(graph, self.folded)
+
+
+def graph_drawing(graph: Graph, folded: bool = False) -> str:
+    """The drawing of ``graph`` in its scrolling box; ``folded``: inside a ``<details>`` that opens on a click."""
+    drawing = f'<div style="overflow:auto; max-height:520px">{graph_svg(graph)}</div>'
+    if folded:
+        drawing = (f'<details class="nnsight-graph-panel"><summary style="cursor:pointer; font-weight:600">graph'
+                   f'</summary>{drawing}</details>')
+    return drawing
 
 
 def _node(node: PlacedNode) -> str:
@@ -163,11 +170,9 @@ def _edge(source: PlacedNode, target: PlacedNode, is_data: bool) -> str:
     x1, y1 = source.x + NODE_WIDTH, source.y + NODE_HEIGHT / 2
     x2, y2 = target.x, target.y + NODE_HEIGHT / 2
     bend = max(20.0, (x2 - x1) / 2)
-    dash = "" if is_data else ' stroke-dasharray="4 3"'
-    colour = theme.TEXT_MUTED if is_data else theme.BORDER
-    return (f'<path class="edge" data-from="{source.index}" data-to="{target.index}" '
-            f'd="M{x1},{y1} C{x1 + bend},{y1} {x2 - bend},{y2} {x2},{y2}" fill="none" stroke="{colour}" '
-            f'stroke-width="1.2"{dash} marker-end="url(#nnsight-arrow)"/>')
+    order = "" if is_data else ' order" stroke-dasharray="4 3'   # an ordering edge: dashed, lighter
+    return (f'<path class="edge{order}" data-from="{source.index}" data-to="{target.index}" '
+            f'd="M{x1:g},{y1:g} C{x1 + bend:g},{y1:g} {x2 - bend:g},{y2:g} {x2:g},{y2:g}"/>')
 
 
 def _legend(placed: list[PlacedNode]) -> tuple[str, int]:

@@ -37,13 +37,14 @@ from IPython.display import display
 from ..intervention.tracer import BUILDING, Tracer
 from ..tracing.execution import DONE, FREED, PENDING, SKIPPED, STATUS_NAMES, Execution
 from ..tracing.graph import Graph, StepSet
-from .graph_view import GraphView
+from .graph_view import GraphView, graph_drawing
 from .summaries import summarize
 from . import theme
 from .assets import asset
 from .forecast import MemoryForecast, memory_forecast
 from .table import CSS, FILTER_SCRIPT, STYLE, NodeTable, Row, table_of
 from .throttle import Throttle
+from .viewer_choice import ChosenViewer, choose_viewers
 
 _STATE_TEXT = {
     "building": "building the graph", "running": "running", "done": "done", "failed": "failed",
@@ -77,13 +78,28 @@ def in_notebook() -> bool:
 class LiveTable(anywidget.AnyWidget):
     """The part of the inspector that changes while the model runs: header, progress and table (``value``, HTML).
 
-    Its front end (``widgets/inspector.js``) adds a filter box and keeps opened groups and the scroll position
-    across updates.
+    ``value`` is the whole table, sent once when the graph is built; while the model runs, :meth:`patch` sends
+    only what changed (the header and the rows and group heads whose HTML changed), as a custom message. Its
+    front end (``widgets/inspector.js``) applies patches in place, adds a filter box and keeps opened groups and
+    the scroll position across updates.
+
+    Attributes:
+        stale: ``value`` is not what the front end shows now (patches were sent since, or the last changes were
+            not sent because the display was replaced): it is sent again before the widget is shown again.
     """
 
     _esm = asset("widgets", "inspector.js")
     _css = CSS
     value = traitlets.Unicode("").tag(sync=True)
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.stale = False
+
+    def patch(self, top: str, rows: dict[int, str], heads: dict[int, str]) -> None:
+        """Replace the header part (``top``), the rows ``{node: html}`` and the group heads ``{position: html}``."""
+        self.send({"top": top, "rows": list(rows.items()), "heads": list(heads.items())})
+        self.stale = True
 
 
 class TokenStream:
@@ -130,6 +146,8 @@ class GraphInspector(ipywidgets.VBox):
         live: the widget with the header, the progress bar and the table: the part that changes while the model
             runs (one message per update).
         graph_view: the dependency graph, folded under the table (drawn and sent once, when the run ends).
+        viewers: the viewers chosen for saved values whose kind the graph tells, shown under the inspector after
+            a run that finished (:mod:`~nnsight_magic.widgets.viewer_choice`).
     """
 
     def __init__(self, source: Tracer | Graph, *, title: str = "", update_interval: float = 0.25,
@@ -151,11 +169,15 @@ class GraphInspector(ipywidgets.VBox):
         self.tokens: TokenStream | None = None
         self.memory_warning = memory_warning
         self.forecast: MemoryForecast | None = None
+        self.viewers: list[ChosenViewer] = []
         self._decode: Any = None
         self._sections: list[tuple[StepSet, list[int]]] = []
         self._started = 0.0
         self._handle: Any = None
         self._graph: Graph | None = None
+        self._graph_html = ""
+        self._table_sent = False
+        self._whole_table = False
         self._throttle = Throttle(self._render, update_interval)
         if isinstance(source, Tracer) and source.status == BUILDING:
             source.observers.append(self)
@@ -257,15 +279,24 @@ class GraphInspector(ipywidgets.VBox):
                 rows[execution.failed_at].error = str(error) or type(error).__name__
         else:
             self.state = "done"
+            self.viewers = choose_viewers(tracer, execution.values)
         self.request = ""
         if self._graph is not None:
-            self.graph_view.show(self._graph)
+            self._graph_html = graph_drawing(self._graph, folded=True)
             self._graph = None  # the inspector keeps no graph alive after the run
         self.elapsed = time.perf_counter() - self._started
-        self._throttle.flush()
         if self._handle is not None:
+            # the display becomes the static rendering: the live widgets get the final state only if shown again
+            self._throttle.cancel()
+            self.live.stale = True
             self._handle.update(self.static_bundle(), raw=True)
-        elif not in_notebook():
+            for chosen in self.viewers:
+                display(chosen.viewer)
+            return
+        self._whole_table = True  # the last update is the whole table: what a view shown later draws
+        self._throttle.flush()
+        self._sync_widgets()
+        if not in_notebook():
             print(self.result_text())
 
     # ------------------------------------------------------------------------------- static forms
@@ -280,8 +311,10 @@ class GraphInspector(ipywidgets.VBox):
         return [f"memory: {self.forecast.describe()}"] + ([warning] if warning else [])
 
     def result_text(self) -> str:
-        """The header and one line per saved value's summary (printed at the end of a run outside notebooks)."""
-        return "\n".join([self._header_text()] + self.table.summary_lines())
+        """The header, one line per saved value's summary, and one per viewer chosen (printed at the end of a run
+        outside notebooks)."""
+        viewers = [f"  {chosen.kind}: {chosen.viewer.text()}" for chosen in self.viewers]
+        return "\n".join([self._header_text()] + self.table.summary_lines() + viewers)
 
     def static_html(self) -> str:
         """The whole inspector as one self-contained HTML fragment: no widget, no kernel needed.
@@ -291,16 +324,19 @@ class GraphInspector(ipywidgets.VBox):
         filter_box = (f'<input class="nnsight-filter" placeholder="filter rows (name, expression, status)" '
                       f'oninput="{FILTER_SCRIPT}">')
         return (f'<div class="nnsight-inspector nnsight-inspector-static">{STYLE}{self._live_html(filter_box)}'
-                f'{self.graph_view.value}</div>')
+                f'{self._graph_html}</div>')
 
     def static_bundle(self) -> dict[str, str]:
         """``text/html`` and ``text/plain``: what a notebook keeps when no widget can be shown."""
         return {"text/html": self.static_html(), "text/plain": self.text()}
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict | None:
+        """The widget, and its static forms; while the model runs only the text (the display is replaced by the
+        static rendering when the run ends, so the HTML would be sent for nothing)."""
+        self._sync_widgets()
         bundle = super()._repr_mimebundle_(**kwargs)
         if bundle is not None:
-            bundle.update(self.static_bundle())
+            bundle.update({"text/plain": self.text()} if self.state == "running" else self.static_bundle())
         return bundle
 
     def __repr__(self) -> str:
@@ -316,10 +352,12 @@ class GraphInspector(ipywidgets.VBox):
         self.table = table_of(graph, status="pending" if state in ("running", "recorded") else "")
         self._sections = [(section.steps, list(section.nodes)) for section in graph.sections]
         self.forecast = memory_forecast(graph, [row.name or row.expression for row in self.table.rows])
+        self._table_sent = self._whole_table = False
         if state in ("running", "recorded"):
             self._graph = graph  # drawn when the run ends (one message then, none while the model runs)
         else:
-            self.graph_view.show(graph)
+            self._graph_html = graph_drawing(graph, folded=True)
+            self.graph_view.value = self._graph_html
 
     def _begin_run(self) -> None:
         """A recorded trace starts running (its session runs)."""
@@ -327,11 +365,33 @@ class GraphInspector(ipywidgets.VBox):
         self._started = time.perf_counter()
 
     def _render(self) -> None:
-        """Send the header, the progress bar and the table to the front end (the throttle calls this)."""
+        """Send the header, the progress bar and the table to the front end (the throttle calls this): the whole
+        table the first time, then only the rows that changed."""
+        if self._table_sent and not self._whole_table:
+            rows, heads = self.table.changes()
+            self.live.patch(self._top_html(), rows, heads)
+            return
+        self._send_table()
+
+    def _send_table(self) -> None:
         self.live.value = self._live_html()
+        self.table.mark_sent()
+        self._table_sent = True
+        self.live.stale = False
+
+    def _sync_widgets(self) -> None:
+        """Make the widgets' state what they show now (before they are shown again, or at the end of a run whose
+        display is not replaced): the whole table, and the graph drawing."""
+        if self.live.stale:
+            self._send_table()
+        if self._graph_html and self.graph_view.value != self._graph_html:
+            self.graph_view.value = self._graph_html
+
+    def _top_html(self) -> str:
+        return f"{self._header_html()}{self._progress_html()}{self._generated_html()}"
 
     def _live_html(self, filter_box: str = "") -> str:
-        return f"{self._header_html()}{self._progress_html()}{self._generated_html()}{self.table.html(filter_box)}"
+        return f'<div class="nnsight-top">{self._top_html()}</div>{self.table.html(filter_box)}'
 
     def generated_text(self) -> str:
         """The tokens generated so far, decoded (``""`` when not generating or nothing came yet)."""

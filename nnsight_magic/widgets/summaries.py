@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -106,10 +107,12 @@ class ValueSummary:
                  f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg"><title>{title}</title>']
         if self.picture == "histogram":
             tallest = max(self.bins) or 1.0
+            parts.append(f'<g fill="{ACCENT}">')
             for position, value in enumerate(self.bins):
                 bar = height * value / tallest
-                parts.append(f'<rect x="{position * cell:.1f}" y="{height - bar:.1f}" '
-                             f'width="{max(cell - 0.5, 0.5):.1f}" height="{bar:.1f}" fill="{ACCENT}"/>')
+                parts.append(f'<rect x="{position * cell:.4g}" y="{height - bar:.4g}" '
+                             f'width="{max(cell - 0.5, 0.5):.4g}" height="{bar:.4g}"/>')
+            parts.append("</g>")
         else:
             scale = max(abs(self.low), abs(self.high)) or 1.0
             for position, value in enumerate(self.bins):
@@ -149,30 +152,49 @@ def summarize(value: object, decode: Callable[[int], str] | None = None) -> Valu
 
 
 def _tensor_summary(tensor: torch.Tensor) -> ValueSummary:
+    """min/mean/max/std and a picture in few passes: when min and max are finite every element is (NaN and inf
+    propagate into them), so the mask of finite values is built only for tensors that have some."""
     tensor = tensor.detach()
     shape, dtype = tuple(tensor.shape), str(tensor.dtype).replace("torch.", "")
     if tensor.numel() == 0 or tensor.is_complex() or tensor.is_meta:
         reason = "empty" if tensor.numel() == 0 else "complex" if tensor.is_complex() else "no data"
         return ValueSummary("tensor", shape, dtype, text=reason)
     numbers = tensor if tensor.is_floating_point() else tensor.double()
-    minimum, mean, maximum = numbers.min().item(), numbers.mean().item(), numbers.max().item()
+    smallest, largest = torch.aminmax(numbers)
+    minimum, maximum, mean = smallest.item(), largest.item(), numbers.mean().item()
     std = numbers.std().item() if numbers.numel() > 1 else None
-    finite_mask = torch.isfinite(numbers)
-    nonfinite = numbers.numel() - int(finite_mask.sum().item())
-    finite = numbers[finite_mask] if nonfinite else numbers.reshape(-1)
+    nonfinite = 0
+    finite = numbers.reshape(-1)
+    if not (math.isfinite(minimum) and math.isfinite(maximum)):
+        finite_mask = torch.isfinite(finite)
+        finite = finite[finite_mask]
+        nonfinite = numbers.numel() - finite.numel()
     if finite.numel() == 0 or numbers.dim() == 0:
         return ValueSummary("tensor", shape, dtype, minimum, mean, maximum, std, nonfinite)
-    low, high = finite.min().item(), finite.max().item()
+    low, high = (minimum, maximum) if not nonfinite else (finite.min().item(), finite.max().item())
     if numbers.numel() <= STRIP_LIMIT:
         values = tuple(float(item) for item in numbers.reshape(-1).float().cpu().tolist())
         return ValueSummary("tensor", shape, dtype, minimum, mean, maximum, std, nonfinite, "strip", values, low, high)
-    floats = finite.float()
-    if low == high:
-        counts = torch.histc(floats, bins=HISTOGRAM_BINS, min=low - 0.5, max=high + 0.5)
-    else:
-        counts = torch.histc(floats, bins=HISTOGRAM_BINS, min=low, max=high)
-    bins = tuple(float(item) for item in counts.cpu().tolist())
+    bins = histogram(finite, low, high)
     return ValueSummary("tensor", shape, dtype, minimum, mean, maximum, std, nonfinite, "histogram", bins, low, high)
+
+
+def histogram(values: torch.Tensor, low: float, high: float, count: int = HISTOGRAM_BINS) -> tuple[float, ...]:
+    """Counts of ``values`` (finite, 1-d) in ``count`` equal bins over ``[low, high]``; ``high`` goes in the last.
+
+    The bin of ``v`` is ``floor((v - low) / (high - low) * count)``: one subtraction, one multiplication and a
+    ``bincount``, about a third of ``torch.histc``'s time. All values equal: every one in the middle bin.
+
+    In [1]: histogram(torch.tensor([0.0, 0.5, 1.0]), 0.0, 1.0, count=2)
+    Out[1]: (1.0, 2.0)
+    """
+    if low == high:
+        counts = [0.0] * count
+        counts[count // 2] = float(values.numel())
+        return tuple(counts)
+    scaled = (values.double() - low) * (count / (high - low))
+    index = scaled.long().clamp_(0, count - 1)
+    return tuple(float(item) for item in torch.bincount(index, minlength=count).tolist())
 
 
 def _sequence_text(value: list | tuple) -> str:

@@ -30,13 +30,15 @@ import torch
 from ..tracing.graph import Graph
 from ..tracing.node import Node, describe_fake
 from . import theme
-from .kinds import Kind, node_kind
+from .kinds import KINDS, Kind, node_kind
 from .labels import line_groups, node_labels
 from .summaries import ValueSummary
 
 _STATUS_MARKS = {"pending": "○", "done": "●", "freed": "◌", "saved": "●", "skipped": "⊘", "error": "✖",
                  "not run": "○", "": "·"}
 MAX_HEIGHT = "26em"  # the table scrolls inside this height
+# JupyterLab right-aligns cells of rendered HTML (`:not(.jp-RenderedMarkdown).jp-RenderedHTMLCommon td`, specificity
+# 0,2,1): the `table.nnsight-rows` rules outrank it so columns read left to right
 
 CSS = f"""
 .nnsight-inspector {{ color: {theme.TEXT}; }}
@@ -49,6 +51,8 @@ CSS = f"""
   background: {theme.BACKGROUND}; }}
 .nnsight-inspector td {{ padding: 1px 10px 1px 4px; vertical-align: top; white-space: nowrap; text-align: left; }}
 .nnsight-inspector td.line {{ color: {theme.TEXT_MUTED}; text-align: right; }}
+.nnsight-inspector table.nnsight-rows th, .nnsight-inspector table.nnsight-rows td {{ text-align: left; }}
+.nnsight-inspector table.nnsight-rows td.line {{ text-align: right; }}
 .nnsight-inspector td.name {{ font-weight: 600; }}
 .nnsight-inspector td.expression {{ max-width: 36em; overflow: hidden; text-overflow: ellipsis; }}
 .nnsight-inspector td.value {{ white-space: normal; overflow-wrap: anywhere; min-width: 14em; max-width: 40em; }}
@@ -87,6 +91,11 @@ CSS = f"""
   border-radius: 4px; overflow: hidden; }}
 .nnsight-inspector .progress .bar {{ height: 100%; background: {theme.ACCENT}; }}
 """
+_STATUS_CLASSES = {status: f" s-{status.replace(' ', '-')}" for status in _STATUS_MARKS if status}
+CSS += "".join(f".nnsight-inspector .kind.k-{kind.name} {{ background: {kind.colour}; }}\n" for kind in KINDS)
+CSS += f".nnsight-inspector .kind.saved {{ outline: 1.5px solid {theme.SAVED}; }}\n"
+CSS += "".join(f".nnsight-inspector td.status.{css_class.strip()} {{ color: {theme.status_colour(status)}; }}\n"
+               for status, css_class in _STATUS_CLASSES.items())
 STYLE = f"<style>{CSS}</style>"
 
 #: the filter box of a static page: the same classes the live widget's front end sets (scripts allowed only)
@@ -115,6 +124,7 @@ class Row:
     error: str = ""
     _key: tuple = field(default=(), repr=False, compare=False)
     _html: str = field(default="", repr=False, compare=False)
+    _sent: tuple | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -185,16 +195,46 @@ class NodeTable:
         ``filter_box``: the ``<input>`` shown above the table (the static page's; the live widget draws its own).
         """
         bodies = []
-        for group in self.groups:
+        for position, group in enumerate(self.groups):
             rows = [self._row_html(self.rows[index]) for index in group.members]
-            head = _group_head(group, [self.rows[index] for index in group.members]) if group.foldable else ""
+            head = self._head_html(group) if group.foldable else ""
             foldable = ' class="foldable"' if group.foldable else ""
-            bodies.append(f'<tbody data-group="line{group.line}" data-count="{group.count}"{foldable}>{head}'
-                          f'{"".join(rows)}</tbody>')
+            bodies.append(f'<tbody data-group="line{group.line}" data-count="{group.count}"{foldable} '
+                          f'data-index="{position}">{head}{"".join(rows)}</tbody>')
         head = ("<thead><tr><th>line</th><th>name</th><th>expression</th><th>shape</th><th>dtype</th>"
                 "<th>status</th><th>value</th></tr></thead>")
         return (f'{filter_box}<div class="nnsight-scroll"><table class="nnsight-rows">{head}{"".join(bodies)}'
                 f'</table></div>')
+
+    def mark_sent(self) -> None:
+        """The front end now shows every row as it is (after :meth:`html` went to it)."""
+        for row in self.rows:
+            self._row_html(row)
+            row._sent = row._key
+
+    def changes(self) -> tuple[dict[int, str], dict[int, str]]:
+        """The rows (by node) and group heads (by group position) whose HTML changed since the front end last got
+        them, and mark them sent: what a live update sends instead of the whole table.
+
+        In [1]: table.mark_sent(); table.rows[1].status = "done"
+        In [2]: table.changes()
+        Out[2]: ({1: '<tr class="" data-node="1" data-status="done" ...</tr>'}, {})
+        """
+        rows: dict[int, str] = {}
+        for row in self.rows:
+            text = self._row_html(row)
+            if row._sent != row._key:
+                rows[row.index] = text
+                row._sent = row._key
+        heads = {}
+        if rows:
+            for position, group in enumerate(self.groups):
+                if group.foldable and any(index in rows for index in group.members):
+                    heads[position] = self._head_html(group)
+        return rows, heads
+
+    def _head_html(self, group: Group) -> str:
+        return _group_head(group, [self.rows[index] for index in group.members])
 
     def _row_html(self, row: Row) -> str:
         key = (row.status, row.runs, row.summary, row.error)
@@ -260,6 +300,7 @@ def _row_html(row: Row) -> str:
     escape = html.escape
     runs = f' <span class="runs">×{row.runs}</span>' if row.runs > 1 else ""
     status = f'{_STATUS_MARKS.get(row.status, "")} {escape(row.status or "—")}{runs}'
+    status_class = _STATUS_CLASSES.get(row.status, "")
     value = ""
     if row.summary is not None:
         value = f'<span class="summary">{escape(row.summary.describe())}</span>{row.summary.svg()}'
@@ -267,14 +308,13 @@ def _row_html(row: Row) -> str:
         value = f'<span class="error-message">{escape(row.error)}</span>'
     title = escape(f"line {row.line}: {row.source}\n{row.expression}" if row.source else row.expression, quote=True)
     flags = f' <span class="flags">[{escape(row.flags)}]</span>' if row.flags else ""
-    saved = f"outline:1.5px solid {theme.SAVED};" if row.saved else ""
     return (f'<tr class="{"error" if row.status == "error" else ""}" data-node="{row.index}" '
             f'data-status="{escape(row.status)}" data-kind="{row.kind.name}" title="{title}">'
             f'<td class="line">{row.line or ""}</td><td class="name">{escape(row.name)}</td>'
-            f'<td class="expression"><span class="kind" style="background:{row.kind.colour};{saved}"></span>'
+            f'<td class="expression"><span class="kind k-{row.kind.name}{" saved" if row.saved else ""}"></span>'
             f'{escape(_clip(row.expression, 90))}{flags}</td>'
             f'<td class="shape">{escape(row.shape) or "—"}</td><td class="dtype">{escape(row.dtype) or "—"}</td>'
-            f'<td class="status" style="color:{theme.status_colour(row.status)}">{status}</td>'
+            f'<td class="status{status_class}">{status}</td>'
             f'<td class="value">{value}</td></tr>')
 
 

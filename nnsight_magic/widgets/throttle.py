@@ -58,6 +58,10 @@ class Throttle:
         self.pending = False
         self._run(wait=True)
 
+    def cancel(self) -> None:
+        """Drop a trailing run that is due (a run in progress on the other thread still ends)."""
+        self.pending = False
+
     def trailing(self, ticket: int) -> None:
         """The trailing run asked for with ``ticket`` is due (called on the shared thread)."""
         if self.pending and ticket == self._ticket:
