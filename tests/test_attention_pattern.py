@@ -119,3 +119,32 @@ def test_decoding_step_patterns_of_each_invoke(any_lm, gpt2_tok):
         for step, got in enumerate(patterns[prompt].value, start=1):
             assert got.shape == (1, 4, 1, input_ids.shape[1] + step)
             assert torch.allclose(got, expected[step][1][row:row + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_the_pattern_has_its_shape_while_building(any_lm, gpt2_tok, implementation):
+    any_lm._module.set_attn_implementation(implementation)
+    width = encode(gpt2_tok, PROMPTS[0]).shape[1]
+    with any_lm.trace(PROMPTS):
+        padded = left_padded(gpt2_tok, PROMPTS)[0].shape[1]
+        building = any_lm.layers[1].attn.pattern.shape
+        one_head = any_lm.layers[1].attn.pattern[:, 2].save()
+    assert building == (2, 4, padded, padded) and one_head.value.shape == (2, padded, padded)
+    with any_lm.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS) as tracer:
+        with tracer.iter[0]:
+            prompt = any_lm.layers[0].attn.pattern.shape
+        with tracer.iter[1]:
+            step = any_lm.layers[0].attn.pattern
+            step_shape = step.shape
+            saved = step.save()
+    assert prompt == (1, 4, width, width) and step_shape == saved.value.shape == (1, 4, 1, width + 1)
+
+
+def test_a_pattern_index_out_of_range_is_caught_before_the_model_runs(any_lm):
+    reached = []
+    with pytest.raises(IndexError) as caught:
+        with any_lm.trace(PROMPTS[0]):
+            any_lm.layers[0].attn.pattern[:, 9].save()               # 4 heads: raised at this line, while building
+            reached.append("the next line")
+    assert "test_attention_pattern.py" in str(caught.value) and "size 4" in str(caught.value) and reached == []
+    assert hook_count(any_lm._module) == 0

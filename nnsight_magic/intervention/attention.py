@@ -19,6 +19,10 @@ cached keys (read from the ``cache=`` the module is called with, before it adds 
 key. A cache that no longer holds every earlier position (a sliding window once it is full) raises at the
 user's line. Nothing runs unless a pattern is read: no hook, no extra computation.
 
+Like every traced value, a pattern has its shape while building (``pattern.shape``; ``pattern[:, 99]`` raises at
+its line before the model runs), computed from the fake scan; at a generation step after the first (a block
+starting there, ``.next()`` twice) its key length grows with the cache, and the shape is left unknown.
+
 Assigning ``attn.pattern = value``, or editing it in place (``attn.pattern[...] = x``), changes that call of
 that module: its output becomes what eager attention computes with the edited probabilities, ``pattern @ V``
 (``V`` from the module's input and value projection, after the cached values at decoding steps), heads merged,
@@ -38,6 +42,7 @@ import weakref
 from typing import Any, Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..tracing.node import user_line
 from ..tracing.proxy import Proxy
@@ -97,6 +102,8 @@ def cached(inputs: tuple[tuple, dict], layer: int, part: str, rows: slice) -> to
                          "positions (a sliding window or a quantized cache), so the pattern over all of them cannot "
                          "be recomputed; generate with the default dynamic cache, or read steps before the window "
                          "fills")
+    if isinstance(stored, FakeTensor) and stored.shape[0] < rows.stop:
+        rows = slice(0, rows.stop - rows.start)  # shapes while building: an invoke's scan holds only its rows
     if stored.shape[0] < rows.stop:
         raise ValueError(f"the key/value cache holds {stored.shape[0]} rows, not the rows {rows.start} to "
                          f"{rows.stop - 1} of this value")
@@ -104,7 +111,10 @@ def cached(inputs: tuple[tuple, dict], layer: int, part: str, rows: slice) -> to
 
 
 def _with_past(inputs: tuple[tuple, dict], layer: int, part: str, new: torch.Tensor, start: int) -> torch.Tensor:
-    return _joined(cached(inputs, layer, part, slice(start, start + new.shape[0])), new)
+    past = cached(inputs, layer, part, slice(start, start + new.shape[0]))
+    if isinstance(past, FakeTensor):  # shapes while building: the scan's cache already holds this call's keys
+        past = past[..., :past.shape[-2] - new.shape[-2], :] if past.shape[-2] > new.shape[-2] else None
+    return _joined(past, new)
 
 
 def gpt2_pattern(inputs: tuple[tuple, dict], weight: torch.Tensor, bias: torch.Tensor, heads: int,
@@ -134,6 +144,9 @@ def llama_pattern(inputs: tuple[tuple, dict], q_weight: torch.Tensor, q_bias: An
     query, key = query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
     key = _with_past(inputs, layer, "keys", key, start).repeat_interleave(groups, dim=1)
     return probabilities(query, key, mask, scaling)
+
+
+gpt2_pattern.pure = llama_pattern.pure = True  # torch operations only: run on fake values, so `.pattern.shape` is known
 
 
 def past_values(inputs: tuple[tuple, dict], layer: int, start: int) -> torch.Tensor | None:
@@ -255,11 +268,15 @@ class AttentionEnvoy(Envoy):
         tracer, module = self._tracer("read .pattern"), self._module
         layer = getattr(module, "layer_idx", None) or 0
         if self._style() == "gpt2":
-            return tracer.apply(gpt2_pattern, self.inputs, self.c_attn.weight, self.c_attn.bias, module.num_heads,
-                                module.scaling, layer, self._first_row(tracer))
-        return tracer.apply(llama_pattern, self.inputs, self.q_proj.weight, self._bias("q_proj"),
-                            self.k_proj.weight, self._bias("k_proj"), module.head_dim,
-                            module.num_key_value_groups, module.scaling, layer, self._first_row(tracer))
+            pattern = tracer.apply(gpt2_pattern, self.inputs, self.c_attn.weight, self.c_attn.bias,
+                                   module.num_heads, module.scaling, layer, self._first_row(tracer))
+        else:
+            pattern = tracer.apply(llama_pattern, self.inputs, self.q_proj.weight, self._bias("q_proj"),
+                                   self.k_proj.weight, self._bias("k_proj"), module.head_dim,
+                                   module.num_key_value_groups, module.scaling, layer, self._first_row(tracer))
+        if (tracer.first_step(tracer.call_key(self._path, "pattern")) or 0) > 1:
+            pattern.node.fake = None  # a step's fake cache is the first decoding step's: its keys would be too few
+        return pattern
 
     def _style(self) -> str:
         """``"gpt2"`` (``c_attn``) or ``"llama"`` (``q_proj``/``k_proj``/``v_proj``/``o_proj``); else an error."""
@@ -295,12 +312,12 @@ class AttentionEnvoy(Envoy):
 
     def _pattern_key(self, tracer: Any) -> tuple:
         """This module call's pattern: its call, step, block and invoke, and the ``tracer.cond`` branches open."""
-        return (*tracer._key(self._path, "pattern"), tuple(tracer.graph._branch_stack))
+        return (*tracer.call_key(self._path, "pattern"), tracer.graph.open_branches)
 
     @staticmethod
     def _first_row(tracer: Any) -> int:
         """The first batch row of the values this trace reads here: the current invoke's, or 0 (the whole batch)."""
-        invoke = tracer._key("", "pattern")[-1]
+        invoke = tracer.call_key("", "pattern")[-1]
         return 0 if invoke is None else sum(prepared.batch_size for prepared in tracer.invokes[:invoke])
 
     def _bias(self, name: str) -> Any:

@@ -235,6 +235,16 @@ class Tracer:
             invoke = None if self._implicit is not None else self._current_invoke  # one input: the whole batch
         return (path, kind, self._call_cursor.get(path, 0), step, section, invoke)
 
+    def call_key(self, path: str, kind: str) -> tuple:
+        """The module call a value read now belongs to: ``(path, kind, call, step, block, invoke)``, what
+        ``.output`` and ``attn.pattern`` are keyed by (the call count, the step or iteration block, the invoke)."""
+        return self._key(path, kind)
+
+    def first_step(self, key: tuple) -> int | None:
+        """The generation step whose scan gives the fake values of ``key``'s call: its step, or its block's first."""
+        step, section = key[3], key[4]
+        return step if section is None else self.graph.sections[section].steps.first
+
     def module_value(self, path: str, kind: str) -> Proxy:
         """The proxy for ``.output`` / ``.inputs`` / ``.input`` of the module at ``path`` (latest assignment)."""
         key = self._key(path, kind)
@@ -260,7 +270,7 @@ class Tracer:
                 use_source(self, path)
             op = "module_output" if kind == "output" else "module_inputs"
             meta = {"call": call, "step": step or 0, "invoke": invoke}
-            first_step = step if section is None else self.graph.sections[section].steps.first
+            first_step = self.first_step(key)
             entry = self.create_proxy(op, path, (), {}, meta=meta,
                                       fake=self._entry_fake(op, path, call, invoke, first_step) if self.validate
                                       else None)

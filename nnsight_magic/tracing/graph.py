@@ -333,6 +333,11 @@ class Graph:
             self._branch_stack.pop()
 
     @property
+    def open_branches(self) -> tuple[tuple[int, bool], ...]:
+        """The ``(cond index, taken when)`` of every branch block open now, outermost first."""
+        return tuple(self._branch_stack)
+
+    @property
     def current_section(self) -> int | None:
         """The iteration block nodes are being created in, or ``None``."""
         return self._section_stack[-1] if self._section_stack else None

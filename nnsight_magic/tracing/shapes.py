@@ -377,8 +377,9 @@ _PURE_BUILTINS = frozenset({getattr, len, abs, min, max, sum, round, divmod, pow
 
 
 def _library_function(function: Any) -> bool:
-    """Functions of torch and ``operator`` and pure builtins: free of side effects, safe to run on fake values."""
-    if function in _PURE_BUILTINS:
+    """Functions of torch and ``operator``, pure builtins, and functions marked ``function.pure = True`` (this
+    library's own torch-only helpers, such as the attention pattern's): free of side effects, safe on fake values."""
+    if function in _PURE_BUILTINS or getattr(function, "pure", False) is True:
         return True
     module = getattr(function, "__module__", None) or getattr(getattr(function, "__objclass__", None),
                                                              "__module__", "") or ""
