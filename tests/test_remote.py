@@ -571,3 +571,24 @@ def test_a_lazy_language_model_and_a_directory_are_served_with_their_weights(clu
     finally:
         for server in servers:
             server.shutdown()
+
+
+def test_attention_patterns_read_and_edited_remotely_equal_local(remote_lm):
+    local = LanguageModel(make_tiny_gpt2(), tokenizer=remote_lm.tokenizer)
+    results = {}
+    for name, lm in (("remote", remote_lm), ("local", local)):
+        with lm.trace("Hello world, again") as tracer:
+            pattern = lm.transformer.h[0].attn.pattern.save()
+            lm.transformer.h[1].attn.pattern[:, 1] = 0                   # head 1 of block 1 attends nowhere
+            logits = lm.lm_head.output.save()
+        with lm.generate("Hello world", max_new_tokens=2) as tracer:
+            with tracer.iter[1]:
+                step = lm.transformer.h[1].attn.pattern.save()
+        results[name] = (pattern.value, logits.value, step.value)
+    (pattern, logits, step), expected = results["remote"], results["local"]
+    assert pattern.shape[1] == 4 and step.shape[-2] == 1
+    for got, want in zip((pattern, logits, step), expected):
+        assert torch.equal(got, want)
+    with remote_lm.trace("Hello world, again"):
+        plain = remote_lm.lm_head.output.save()
+    assert not torch.equal(plain.value, logits)  # the edit changed the remote run, and only that run

@@ -21,7 +21,8 @@ user's line. Nothing runs unless a pattern is read: no hook, no extra computatio
 
 Like every traced value, a pattern has its shape while building (``pattern.shape``; ``pattern[:, 99]`` raises at
 its line before the model runs), computed from the fake scan; at a generation step after the first (a block
-starting there, ``.next()`` twice) its key length grows with the cache, and the shape is left unknown.
+starting there, ``.next()`` twice) its key length grows with the cache, and on a remote model the scan's cache
+stays on the server: there the shape is left unknown.
 
 Assigning ``attn.pattern = value``, or editing it in place (``attn.pattern[...] = x``), changes that call of
 that module: its output becomes what eager attention computes with the edited probabilities, ``pattern @ V``
@@ -46,6 +47,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ..tracing.node import user_line
 from ..tracing.proxy import Proxy
+from ..tracing.serialize import OpaqueValue
 from .envoy import Envoy
 
 
@@ -85,6 +87,8 @@ def cached(inputs: tuple[tuple, dict], layer: int, part: str, rows: slice) -> to
     cache = next((kwargs[name] for name in ("cache", "past_key_values", "past_key_value") if name in kwargs), None)
     if cache is None:
         return None
+    if isinstance(cache, OpaqueValue):  # a remote model's scan: its cache did not travel, so no shape here
+        raise NotImplementedError("the key/value cache of a remote model's scan is not known in the notebook")
     cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache: the self-attention part
     layers = getattr(cache, "layers", None)
     if layers is None:
@@ -227,7 +231,7 @@ def current_pattern(tracer: Any, key: tuple, read: Callable[[], Proxy], reroute:
 
 def assign_pattern(tracer: Any, key: tuple, value: Any, reroute: Reroute) -> None:
     """``attn.pattern = value``: the module's output uses ``value``; later reads of the pattern see it."""
-    proxy = value if isinstance(value, Proxy) else tracer.apply(_same, value)
+    proxy = value if isinstance(value, Proxy) else tracer.apply(same_value, value)
     reroute(proxy)
     _PATTERNS.setdefault(tracer, {})[key] = _editable(tracer, proxy, reroute)
 
@@ -239,7 +243,7 @@ def _editable(tracer: Any, proxy: Proxy, reroute: Reroute) -> PatternProxy:
     return editable
 
 
-def _same(value: Any) -> Any:
+def same_value(value: Any) -> Any:
     """A plain value assigned as a pattern, as a node of the graph."""
     return value
 
@@ -295,7 +299,7 @@ class AttentionEnvoy(Envoy):
         """This call's output becomes eager attention's output with ``pattern`` (see the module docstring)."""
         tracer, module = self._tracer("set .pattern"), self._module
         dropout = getattr(module, "attn_dropout", None)
-        rate = dropout.p if isinstance(dropout, torch.nn.Dropout) else getattr(module, "attention_dropout", 0.0)
+        rate = dropout.p if isinstance(dropout, torch.nn.Dropout) else float(getattr(module, "attention_dropout", 0))
         if module.training and rate:
             raise RuntimeError(f"{user_line()}: {self._label} is in training mode with attention dropout {rate}; an "
                                "edited pattern is applied without dropout: call `model.eval()` first")
@@ -321,7 +325,11 @@ class AttentionEnvoy(Envoy):
         return 0 if invoke is None else sum(prepared.batch_size for prepared in tracer.invokes[:invoke])
 
     def _bias(self, name: str) -> Any:
-        return getattr(self, name).bias if getattr(self._module, name).bias is not None else None
+        return getattr(self, name).bias if getattr(getattr(self._module, name), "bias", None) is not None else None
+
+
+ATTENTION_SETTINGS = ("layer_idx", "num_heads", "scaling", "head_dim", "num_key_value_groups", "is_cross_attention")
+"""The attributes of an attention module that ``.pattern`` reads (a remote model's tree carries them)."""
 
 
 def attention_envoys() -> dict[type, type]:

@@ -37,6 +37,7 @@ import torch
 
 from ..intervention.session import Session
 from ..intervention.tracer import DONE, FAILED, RUNNING
+from ..intervention.attention import AttentionEnvoy
 from ..models.language import LanguageModel
 from ..models.nnsight import SCAN_CACHE_SIZE, NNsight, input_signature
 from ..tracing.serialize import FakeDecoder, FakeEncoder
@@ -237,6 +238,9 @@ class _Skeleton(torch.nn.Module):
         _add_placeholders(self, description)
         for name, child in description["children"]:
             self.add_module(name, skeleton(child))
+        self.training = bool(description.get("training", False))  # its own flag only, as the server has it
+        for name, value in description.get("attention", {}).items():
+            setattr(self, name, value)  # what `attn.pattern` reads: heads, scaling, layer index, dropout
 
     def _get_name(self) -> str:
         return self._type_name
@@ -260,6 +264,7 @@ class _SkeletonList(torch.nn.ModuleList, _Skeleton):
         torch.nn.Module.__init__(self)
         self._type_name = description["type"]
         self._extra = self._leaf_repr = ""
+        self.training = bool(description.get("training", False))
         _add_placeholders(self, description)
         for name, child in description["children"]:
             self.add_module(name, skeleton(child))
@@ -285,9 +290,15 @@ def _add_placeholders(module: torch.nn.Module, description: dict) -> None:
             module.register_buffer(name, placeholder)
 
 
+class _AttentionSkeleton(_Skeleton):
+    """An attention module of the server's model (GPT-2- or Llama-style): its Envoy has ``.pattern``."""
+
+
 def skeleton(description: dict) -> torch.nn.Module:
     """The weightless module tree the server described."""
-    return (_SkeletonList if description.get("list") else _Skeleton)(description)
+    if description.get("list"):
+        return _SkeletonList(description)
+    return (_AttentionSkeleton if "attention" in description else _Skeleton)(description)
 
 
 class RemoteModel(NNsight):
@@ -316,7 +327,8 @@ class RemoteModel(NNsight):
         module = skeleton(description["tree"])
         _attach_configs(module, description)
         if isinstance(self, LanguageModel):
-            LanguageModel.__init__(self, module, tokenizer=_tokenizer(description.get("tokenizer")))
+            LanguageModel.__init__(self, module, tokenizer=_tokenizer(description.get("tokenizer")),
+                                   envoys={_AttentionSkeleton: AttentionEnvoy})
             object.__setattr__(self, "_forward_parameters", set(description.get("forward_parameters", ())))
         else:
             NNsight.__init__(self, module)

@@ -61,9 +61,26 @@ def module_tree(module: torch.nn.Module) -> dict:
     tensors = [[name, kind, list(tensor.shape), str(tensor.dtype).replace("torch.", ""), bool(tensor.requires_grad)]
                for kind, table in (("parameter", module._parameters), ("buffer", module._buffers))
                for name, tensor in table.items() if tensor is not None]
-    return {"type": type(module).__name__, "list": isinstance(module, torch.nn.ModuleList),
+    tree = {"type": type(module).__name__, "list": isinstance(module, torch.nn.ModuleList),
             "extra": module.extra_repr(), "repr": "" if module._modules else repr(module), "tensors": tensors,
+            "training": module.training,
             "children": [[name, module_tree(child)] for name, child in module._modules.items() if child is not None]}
+    settings = attention_settings(module)
+    if settings is not None:
+        tree["attention"] = settings
+    return tree
+
+
+def attention_settings(module: torch.nn.Module) -> dict | None:
+    """What ``attn.pattern`` reads of an attention module besides its weights (numbers only), or ``None``."""
+    from ..intervention.attention import ATTENTION_SETTINGS, attention_envoys
+    if not isinstance(module, tuple(attention_envoys())):
+        return None
+    dropout = getattr(module, "attn_dropout", None)
+    settings = {name: getattr(module, name) for name in ATTENTION_SETTINGS if hasattr(module, name)}
+    settings["attention_dropout"] = dropout.p if isinstance(dropout, torch.nn.Dropout) else \
+        float(getattr(module, "attention_dropout", 0.0))
+    return {name: value for name, value in settings.items() if isinstance(value, (bool, int, float, type(None)))}
 
 
 class ModelWorker:

@@ -77,6 +77,8 @@ _PACKAGE_FUNCTIONS = (
     "nnsight_magic.intervention.tracer.first_input", "nnsight_magic.intervention.tracer.replace_first_input",
     "nnsight_magic.intervention.tracer.in_branch", "nnsight_magic.intervention.tracer.retain_grad",
     "nnsight_magic.intervention.attention.gpt2_pattern", "nnsight_magic.intervention.attention.llama_pattern",
+    "nnsight_magic.intervention.attention.past_values", "nnsight_magic.intervention.attention.gpt2_edited_output",
+    "nnsight_magic.intervention.attention.llama_edited_output", "nnsight_magic.intervention.attention.same_value",
     "nnsight_magic.magics.runtime.python_and", "nnsight_magic.magics.runtime.python_or",
     "nnsight_magic.magics.runtime.python_not", "nnsight_magic.magics.runtime.format_string",
     "nnsight_magic.intervention.cache.gather", "nnsight_magic.intervention.cache.by_step",
