@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -318,3 +319,85 @@ def test_the_inspector_shows_an_operation_with_its_shape(gpt2_lm):
         gpt2_lm.transformer.h[0].mlp.source.act_0.output.save()
     row = next(line for line in inspector.text().splitlines() if "source.act_0" in line)
     assert "transformer.h[0].mlp.source.act_0.output" in row and "(1, 7, 256)" in row and "saved" in row
+
+
+# ------------------------------------------------------------------------------- inside a function a forward calls
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_operations_inside_the_attention_function_read_and_edit(family, gpt2_lm, llama_lm, gpt2_tok):
+    lm = gpt2_lm if family == "gpt2" else llama_lm
+    model = lm._module
+    model.set_attn_implementation("eager")
+    attn = lm.transformer.h[0].attn if family == "gpt2" else lm.model.layers[0].self_attn
+    module = attn._module
+    ids = encode(gpt2_tok, PROMPT)
+    with lm.trace(PROMPT):
+        inner = attn.source.attention_interface_0.source          # eager_attention_forward's own operations
+        probabilities = inner.softmax_0.output.save()
+        shape_while_building = tuple(probabilities.shape)
+    assert untouched(model) and "eager_attention_forward" in str(inner)
+    with torch.no_grad():  # on a copy: output_attentions leaves Hugging Face's recording hooks on a model
+        reference = copy.deepcopy(model)(ids, output_attentions=True)
+    assert shape_while_building == tuple(reference.attentions[0].shape)
+    assert torch.allclose(probabilities.value, reference.attentions[0], atol=1e-6)
+
+    with lm.trace(PROMPT):
+        attn.source.attention_interface_0.source.matmul_1.input[:, :, :, 0] = 0   # weights to mix values: key 0 off
+        hidden = attn.input.save()
+        out = attn.output[0].save()
+        logits = lm.lm_head.output.save()
+    assert untouched(model)
+    edited = reference.attentions[0].clone()
+    edited[:, :, :, 0] = 0
+    with torch.no_grad():  # the attention's output by hand, from its weights and the edited probabilities
+        if family == "gpt2":
+            value = module.c_attn(hidden.value).split(module.split_size, dim=2)[2]
+            value = value.view(1, -1, module.num_heads, module.head_dim).transpose(1, 2)
+            expected = module.c_proj((edited @ value).transpose(1, 2).reshape(1, ids.shape[1], -1))
+        else:
+            value = module.v_proj(hidden.value).view(1, ids.shape[1], -1, module.head_dim).transpose(1, 2)
+            value = value.repeat_interleave(module.num_key_value_groups, dim=1)
+            expected = module.o_proj((edited @ value).transpose(1, 2).reshape(1, ids.shape[1], -1))
+    assert torch.allclose(out.value, expected, atol=1e-5)
+    assert not torch.allclose(logits.value, reference.logits, atol=1e-4)   # the edit reached the logits
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference.logits)            # and was for that run only
+
+
+def test_a_helper_named_in_the_source_is_listed_outside_a_trace_and_read_two_levels_down(llama_lm, gpt2_tok):
+    model = llama_lm._module
+    attn = llama_lm.model.layers[0].self_attn
+    listing = str(attn.source.apply_rotary_pos_emb_0.source)         # a module-level function: known from its name
+    assert "apply_rotary_pos_emb (modeling_llama.py" in listing and "q_embed" in listing
+    with llama_lm.trace(PROMPT):
+        rotary = attn.source.apply_rotary_pos_emb_0
+        query = rotary.input.save()                                   # the call's first argument: the queries
+        cos, sin = rotary.inputs[0][2].save(), rotary.inputs[0][3].save()
+        halves = rotary.source.rotate_half_0.source.cat_0.output.save()   # inside rotate_half, inside it
+        q_embed = rotary.source.q_embed.output.save()
+    assert untouched(model)
+    first, second = query.value.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)                       # rotate_half by hand
+    assert torch.equal(halves.value, rotated)
+    expected = query.value * cos.value.unsqueeze(1) + rotated * sin.value.unsqueeze(1)
+    assert torch.allclose(q_embed.value, expected, atol=1e-6)
+
+
+def test_a_call_without_python_source_or_not_yet_known_says_so_at_the_line(gpt2_lm):
+    attn = gpt2_lm.transformer.h[0].attn
+    with pytest.raises(TypeError, match=r"test_source.py:\d+ .*attention_interface_0.source: `attention_interface` "
+                                        r"is only known once the forward calls it"):
+        str(gpt2_lm.transformer.h[1].attn.source.attention_interface_0.source)  # outside a trace, never run
+    with pytest.raises(TypeError, match=r"test_source.py:\d+ .*view_4.source: .*calls .*view, which has no Python"):
+        with gpt2_lm.trace(PROMPT):
+            attn.source.view_4.source                                    # `query_states.view(shape_q)`: a builtin
+    with pytest.raises(TypeError, match=r"`self.c_attn` is a module: read its own `.source`"):
+        with gpt2_lm.trace(PROMPT):
+            attn.source.c_attn_1.source                                  # `self.c_attn(hidden_states)`
+    assert untouched(gpt2_lm._module)
+    with gpt2_lm.trace(PROMPT):  # the trace after works; the model runs sdpa, so the call inside is sdpa's kernel
+        kernel = attn.source.attention_interface_0.source.scaled_dot_product_attention_0
+        query, key, value = (kernel.inputs[0][index].save() for index in range(3))
+        mixed = kernel.output.save()
+    expected = causal_probabilities(query.value, key.value) @ value.value
+    assert mixed.value.shape == (1, attn._module.num_heads, 7, attn._module.head_dim)
+    assert torch.allclose(mixed.value, expected, atol=1e-6)

@@ -102,7 +102,9 @@ class Envoy:
             return self._child("source")
         envoy = self.__dict__.get("_source_envoy")
         if envoy is None:
-            envoy = SourceEnvoy(self._module, self._path, lambda module, path: Envoy(module, path, self._root))
+            tracer = self._root._active_tracer
+            envoy = SourceEnvoy(self._module, self._path, lambda module, path: Envoy(module, path, self._root),
+                                discover=None if tracer is None else lambda: tracer.scan_with_source(self._path))
             object.__setattr__(self, "_source_envoy", envoy)
         return envoy
 

@@ -18,8 +18,16 @@ in-place edits, ``.skip()`` and ``.next()`` work as on a module. How the forward
 
 Attention in Hugging Face models dispatches to an implementation (``attention_interface``): the operations of
 the module's forward are the same under every one, but with ``sdpa`` or a flash kernel ``attn_weights`` is
-``None`` (the probabilities are never formed); with ``eager`` it is the softmax probabilities. The operations
-inside the dispatched function (``eager_attention_forward``'s ``matmul``) are not the module's.
+``None`` (the probabilities are never formed); with ``eager`` it is the softmax probabilities.
+
+A call of a Python function has a ``.source`` of its own, the operations of the function it calls, to any depth:
+
+In [4]: with lm.trace("The Eiffel Tower is in"):
+   ...:     inner = lm.transformer.h[0].attn.source.attention_interface_0.source   # eager_attention_forward's
+   ...:     probabilities = inner.softmax_0.output.save()
+
+The function is known from its name when the forward names a helper (``apply_rotary_pos_emb``), or else from the
+last call of the operation (the trace's fake scan runs it: ``attention_interface`` is chosen at run time).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..tracing.node import module_label, user_line
-from .source_install import SourceOperations, operations_of
+from .source_install import Operation, SourceOperations, operations_of
 from .source_rewrite import SOURCE_KEY, Site, SourceUnavailable
 
 GUTTER = 34  # columns for the operation names left of each source line
@@ -44,9 +52,16 @@ class SourceEnvoy:
     names; ``source["NAME"]`` also works for a name that is not an identifier-safe attribute.
     """
 
-    def __init__(self, module: torch.nn.Module, path: str, make_envoy: Callable[[torch.nn.Module, str], Any]):
+    def __init__(self, module: torch.nn.Module, path: str, make_envoy: Callable[[torch.nn.Module, str], Any],
+                 discover: Callable[[], None] | None = None):
         try:
-            holder = operations_of(module)
+            try:
+                holder = operations_of(module)
+            except SourceUnavailable:
+                if discover is None or not isinstance(module, Operation):
+                    raise
+                discover()  # a scan runs the forward around the call: the operation learns its function
+                holder = operations_of(module)
         except SourceUnavailable as error:
             raise SourceUnavailable(f"{user_line()}: {module_label(path)}.source: {error}") from None
         object.__setattr__(self, "_module", module)
@@ -92,7 +107,7 @@ class SourceEnvoy:
         names = list(self._holder._modules)
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(match) for match in close)}?" if close else ""
-        return (f"{user_line()}: {module_label(self._path)}.source ({type(self._module).__name__}.forward) has no "
+        return (f"{user_line()}: {module_label(self._path)}.source ({self._holder.rewrite.qualname}) has no "
                 f"operation {name!r}{hint} Its operations are: {', '.join(names)}. "
                 f"`print({module_label(self._path)}.source)` shows where each one is")
 
@@ -105,7 +120,7 @@ class SourceEnvoy:
 def listing(sites: list[Site], rewrite: Any, module: torch.nn.Module, path: str) -> str:
     """The forward's source, each line prefixed by the operations it holds (as ``print(module.source)`` shows)."""
     where = f"{os.path.basename(rewrite.filename)}:{rewrite.first_line}"
-    header = [f"{module_label(path)}.source: {type(module).__name__}.forward ({where}), {len(sites)} operations; "
+    header = [f"{module_label(path)}.source: {rewrite.qualname} ({where}), {len(sites)} operations; "
               "read one with `.source.NAME.output` (a call's arguments: `.input`, `.inputs`)"]
     variables = [site for site in sites if site.kind == "variable"]
     if variables:

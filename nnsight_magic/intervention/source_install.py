@@ -19,13 +19,15 @@ scan-cache key that tells scans with operations from scans without.
 
 from __future__ import annotations
 
+import builtins
 import threading
+import types
 import weakref
 from typing import Any, Callable
 
 import torch
 
-from .source_rewrite import SOURCE_KEY, ForwardRewrite, Site, SourceUnavailable
+from .source_rewrite import SOURCE_KEY, ForwardRewrite, Site, SourceUnavailable, holder_stack
 
 MARK = f"{SOURCE_KEY}."  # in every operation's path: "transformer.h.0.attn.source.attn_weights", "source.y_0"
 _calling = threading.local()  # the functions being called through operations, per thread (innermost last)
@@ -38,15 +40,72 @@ def _functions() -> list:
     return stack
 
 
-class Operation(torch.nn.Module):
-    """One call in a forward: its inputs are the call's arguments, its output what the function returned."""
+class Callee:
+    """What an operation called last (its function) and where its name is looked up (the forward's globals).
 
-    def __init__(self, site: Site):
+    Shared, never copied, by the fake twin of a scan (``__deepcopy__`` returns it), so a scan tells the model's
+    own operation which function it calls: ``attention_interface`` is only known once the forward has run.
+    """
+
+    def __init__(self, names: dict):
+        self.names = names
+        self.function: Any = None
+
+    def __deepcopy__(self, memo: dict) -> "Callee":
+        return self
+
+    def resolved(self, text: str) -> Any:
+        """The function the call calls: the one it called last, else ``text`` (``eager_attention_forward``,
+        ``torch.nn.functional.softmax``) looked up in the forward's globals; ``None`` when not known yet."""
+        if self.function is not None:
+            return self.function
+        first, *rest = text.split(".")
+        if not first.isidentifier() or first == "self":
+            return None
+        value = self.names.get(first, getattr(builtins, first, None))
+        for name in rest:
+            value = getattr(value, name, None)
+        return value
+
+
+def _remembered(function: Any) -> Any:
+    """What an operation keeps of the function it called: a Python function (a bound method's own function), or
+    else a description, so that nothing it keeps holds a tensor (``hidden.view``) or a module alive."""
+    if isinstance(function, types.MethodType):
+        function = function.__func__
+    if isinstance(function, types.FunctionType):
+        return function
+    if isinstance(function, torch.nn.Module):
+        return f"the module {type(function).__name__}"
+    return f"{getattr(function, '__qualname__', type(function).__name__)}, which has no Python source"
+
+
+class Operation(torch.nn.Module):
+    """One call in a forward: its inputs are the call's arguments, its output what the function returned.
+
+    While a trace reads operations inside the called function (``attn.source.attention_interface_0.source``), the
+    operation has a child ``source`` (that function's operations) and calls the function rewritten.
+    """
+
+    def __init__(self, site: Site, names: dict):
         super().__init__()
         self.site = site
+        self.callee = Callee(names)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return _functions()[-1](*args, **kwargs)  # read before anything else runs: nested calls push their own
+        function = _functions()[-1]  # read before anything else runs: nested calls push their own
+        self.callee.function = _remembered(function)
+        inner = self._modules.get(SOURCE_KEY)
+        if inner is None or inner.rewrite.function is not getattr(function, "__func__", function):
+            return function(*args, **kwargs)
+        if hasattr(function, "__func__"):  # a bound method: its object is the first argument
+            args = (function.__self__, *args)
+        holders = holder_stack()
+        holders.append(inner)
+        try:
+            return inner.rewrite.forward(*args, **kwargs)
+        finally:
+            holders.pop()
 
     def extra_repr(self) -> str:
         return f"{self.site.text}(...) at line {self.site.line}"
@@ -72,8 +131,9 @@ class SourceOperations(torch.nn.Module):
     def __init__(self, rewrite: ForwardRewrite):
         super().__init__()
         self.rewrite = rewrite
+        names = _innermost(rewrite.function).__globals__
         for site in rewrite.sites:
-            self.add_module(site.name, (Operation if site.kind == "call" else AssignedValue)(site))
+            self.add_module(site.name, Operation(site, names) if site.kind == "call" else AssignedValue(site))
 
     def call(self, name: str, function: Callable, /, *args: Any, **kwargs: Any) -> Any:
         stack = _functions()
@@ -93,12 +153,21 @@ _counts: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDict
 _by_root: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, int]]" = weakref.WeakKeyDictionary()
 
 
+def _innermost(function: Any) -> Any:
+    while hasattr(function, "__wrapped__"):
+        function = function.__wrapped__
+    return function
+
+
 def operations_of(module: torch.nn.Module) -> SourceOperations:
-    """The operations of ``module``'s forward (made once per module and forward; never stored on the module).
+    """The operations of ``module``'s forward (made once per module and forward; never stored on the module), or
+    of the function an :class:`Operation` calls.
 
     Raises :class:`SourceUnavailable` when the forward cannot be rewritten, or when the module has a child of
     its own named ``source``.
     """
+    if isinstance(module, Operation):
+        return _called_operations(module)
     existing = module._modules.get(SOURCE_KEY)
     if existing is not None and not isinstance(existing, SourceOperations):
         raise SourceUnavailable(f"{type(module).__name__} has a child module named {SOURCE_KEY!r}; its operations "
@@ -111,6 +180,25 @@ def operations_of(module: torch.nn.Module) -> SourceOperations:
     holder = _holders.get(module)
     if holder is None or holder.rewrite is not rewrite:
         holder = _holders[module] = SourceOperations(rewrite)
+    return holder
+
+
+def _called_operations(operation: Operation) -> SourceOperations:
+    """The operations of the function ``operation`` calls (see :class:`Callee` for how it is known)."""
+    function = operation.callee.resolved(operation.site.text)
+    if function is None:
+        raise SourceUnavailable(f"`{operation.site.text}` is only known once the forward calls it: read the "
+                                "operation's `.source` inside a trace that computes shapes (the default), of an input "
+                                "for which this line runs")
+    function = getattr(function, "__func__", function)
+    if isinstance(function, torch.nn.Module) or (isinstance(function, str) and function.startswith("the module")):
+        raise SourceUnavailable(f"`{operation.site.text}` is a module: read its own `.source`, or its `.output` here")
+    if isinstance(function, str):
+        raise SourceUnavailable(f"`{operation.site.text}` calls {function}")
+    rewrite = ForwardRewrite.of_function(function)
+    holder = _holders.get(operation)
+    if holder is None or holder.rewrite is not rewrite:
+        holder = _holders[operation] = SourceOperations(rewrite)
     return holder
 
 
@@ -138,7 +226,9 @@ _lock = threading.Lock()  # traces of one model built in several threads install
 
 def _install(module: torch.nn.Module) -> None:
     count = _counts.get(module, 0)
-    if count == 0:
+    if count == 0 and isinstance(module, Operation):
+        module._modules[SOURCE_KEY] = operations_of(module)  # its forward calls the function rewritten
+    elif count == 0:
         holder = operations_of(module)
         slot = _slot(module)
         _previous[module] = (slot, module.__dict__.get(slot))
@@ -155,6 +245,8 @@ def _uninstall(module: torch.nn.Module) -> None:
     _counts.pop(module, None)
     if isinstance(module._modules.get(SOURCE_KEY), SourceOperations):
         del module._modules[SOURCE_KEY]
+    if isinstance(module, Operation):
+        return
     slot, previous = _previous.pop(module, ("forward", None))
     if previous is None:
         module.__dict__.pop(slot, None)
@@ -172,6 +264,7 @@ def use_source(tracer: Any, path: str) -> None:
     module_path, _ = parts
     if any(installed == module_path for installed, _ in tracer._sources):
         return
+    use_source(tracer, module_path)  # an operation inside a called function: first the forward that calls it
     root = tracer.model._module
     module = root.get_submodule(module_path) if module_path else root
     if isinstance(module._modules.get(SOURCE_KEY), torch.nn.Module) and \

@@ -15,7 +15,8 @@ The function's source is parsed (``inspect.getsource``, the same text Python run
   operation per line (``x_0``, ``x_1``, ...) and ``x`` itself for every assignment, in the order they run.
 
 ``_nnsight_source_`` is the module's operations holder, ``self._modules["source"]``, read at the top of the
-function (see :mod:`.source_install`). The new function is compiled with the original's globals and closure
+function (see :mod:`.source_install`); a plain function a forward calls (:meth:`ForwardRewrite.of_function`,
+``attn.source.attention_interface_0.source``) reads it as :func:`current_holder`, set by the operation calling it. The new function is compiled with the original's globals and closure
 cells (so ``eager_attention_forward``, ``apply_rotary_pos_emb`` and zero-argument ``super()`` resolve as before)
 inside a class of the original class's name (so private names are mangled the same way). Decorators that wrap
 ``forward`` with ``functools.wraps`` (Hugging Face's ``deprecate_kwarg``) are rebuilt around the new function
@@ -29,13 +30,29 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
+import threading
 import types
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
 HOLDER = "_nnsight_source_"  # the local that holds the operations (one leading underscore: never mangled)
+HOLDER_OF_CALL = "_nnsight_holder_"  # a plain function's way to its holder: a cell holding `current_holder`
 SOURCE_KEY = "source"  # the holder's name among the module's children while a trace uses it
+_holders = threading.local()  # the holders of the plain functions being called through operations (innermost last)
+
+
+def holder_stack() -> list:
+    """This thread's holders of rewritten plain functions being called (see :func:`current_holder`)."""
+    stack = getattr(_holders, "stack", None)
+    if stack is None:
+        stack = _holders.stack = []
+    return stack
+
+
+def current_holder() -> Any:
+    """The operations holder of the innermost rewritten plain function being called (its first line reads it)."""
+    return holder_stack()[-1]
 _UNWRAPPED_BUILTINS = frozenset({
     "super", "isinstance", "issubclass", "hasattr", "getattr", "setattr", "delattr", "len", "type", "callable",
     "id", "print", "locals", "globals", "vars", "dir", "eval", "exec", "iter", "next", "range", "enumerate", "zip",
@@ -63,21 +80,28 @@ class Site:
 class ForwardRewrite:
     """The rewritten ``forward`` of one function and its operations; :meth:`of` caches one per function.
 
+    A module's forward finds its operations as ``self._modules["source"]``; a plain function a forward calls
+    (:meth:`of_function`: ``eager_attention_forward``, ``apply_rotary_pos_emb``) as :func:`current_holder`, which
+    the operation that calls it sets.
+
     Attributes:
         function: the function as the class holds it (a decorator's wrapper, perhaps).
         sites: every operation, in source order (variables of several assignments last).
         forward: the rewritten function, wrappers rebuilt around it; bind it to a module to run it.
+        qualname: the innermost function's qualified name (``LlamaAttention.forward``, ``eager_attention_forward``).
         filename, first_line, lines: where the innermost function's source is, and its text (for printing).
     """
 
     _cache: "weakref.WeakKeyDictionary[Callable, ForwardRewrite]" = weakref.WeakKeyDictionary()
+    _function_cache: "weakref.WeakKeyDictionary[Callable, ForwardRewrite]" = weakref.WeakKeyDictionary()
 
-    def __init__(self, function: Callable):
+    def __init__(self, function: Callable, method: bool = True):
         self.function = function
         chain = _wrapper_chain(function)
         inner = chain[-1]
         code = inner.__code__
-        if code.co_argcount < 1:
+        self.qualname = inner.__qualname__
+        if method and code.co_argcount < 1:
             raise SourceUnavailable(f"{inner.__qualname__} takes no `self` argument")
         try:
             lines, first_line = inspect.getsourcelines(inner)
@@ -94,18 +118,26 @@ class ForwardRewrite:
         self.sites = names.sites
         definition = CallWrapping(names.calls).visit(definition)
         definition = AssignmentRecording(names.assignments).visit(definition)
-        self_name = code.co_varnames[0]
-        holder = ast.parse(f"{HOLDER} = {self_name}._modules[{SOURCE_KEY!r}]").body[0]
+        found = f"{code.co_varnames[0]}._modules[{SOURCE_KEY!r}]" if method else f"{HOLDER_OF_CALL}()"
+        holder = ast.parse(f"{HOLDER} = {found}").body[0]
         definition.body.insert(0, ast.copy_location(holder, definition.body[0]))
-        rewritten = _compile(definition, inner)
+        rewritten = _compile(definition, inner, {} if method else {HOLDER_OF_CALL: current_holder})
         self.forward = _rebuild(chain, rewritten)
 
     @classmethod
     def of(cls, function: Callable) -> "ForwardRewrite":
-        """The (cached) rewrite of ``function``; raises :class:`SourceUnavailable` when there is none."""
+        """The (cached) rewrite of a module's ``forward``; raises :class:`SourceUnavailable` when there is none."""
         rewrite = cls._cache.get(function)
         if rewrite is None:
             rewrite = cls._cache[function] = cls(function)
+        return rewrite
+
+    @classmethod
+    def of_function(cls, function: Callable) -> "ForwardRewrite":
+        """The (cached) rewrite of a plain function a forward calls (its holder: :func:`current_holder`)."""
+        rewrite = cls._function_cache.get(function)
+        if rewrite is None:
+            rewrite = cls._function_cache[function] = cls(function, method=False)
         return rewrite
 
 
@@ -269,11 +301,14 @@ def _cell_value(cell: types.CellType) -> Any:
         return None
 
 
-def _compile(definition: ast.FunctionDef, original: types.FunctionType) -> types.FunctionType:
-    """Compile the rewritten ``def`` with ``original``'s globals, closure cells, defaults and name mangling."""
+def _compile(definition: ast.FunctionDef, original: types.FunctionType,
+             extra: dict[str, Any]) -> types.FunctionType:
+    """Compile the rewritten ``def`` with ``original``'s globals, closure cells, defaults and name mangling, and
+    a cell for each of ``extra`` (names the rewrite added)."""
     code = original.__code__
+    free = [*code.co_freevars, *extra]
     factory = ast.FunctionDef(
-        name="_nnsight_factory_", args=ast.arguments([], [ast.arg(name) for name in code.co_freevars], None, [], [],
+        name="_nnsight_factory_", args=ast.arguments([], [ast.arg(name) for name in free], None, [], [],
                                                      None, []),
         body=[definition, ast.Return(ast.Name(definition.name, ast.Load()))], decorator_list=[], returns=None)
     body: ast.stmt = factory
@@ -287,6 +322,7 @@ def _compile(definition: ast.FunctionDef, original: types.FunctionType) -> types
     compiled = compile(module, code.co_filename, "exec")
     new_code = _find_code(compiled, code.co_name)
     cells = dict(zip(code.co_freevars, original.__closure__ or ()))
+    cells.update({name: types.CellType(value) for name, value in extra.items()})
     function = types.FunctionType(new_code, original.__globals__, original.__name__, original.__defaults__,
                                   tuple(cells[name] for name in new_code.co_freevars))
     _copy_metadata(function, original)

@@ -462,6 +462,13 @@ class Tracer:
         self._current_invoke = None
 
     # ---------------------------------------------------------------------------------------------- shapes
+    def scan_with_source(self, operation_path: str) -> None:
+        """Run this trace's scan with the forward around the operation at ``operation_path`` rewritten, so the
+        operation learns which function it calls (``attn.source.attention_interface_0.source``)."""
+        if self.validate and self.invokes:
+            use_source(self, operation_path)
+            self._scan(None if len(self.invokes) == 1 else self._current_invoke)
+
     def _scan_key(self, invoke: int | None) -> Any:
         if invoke is not None or len(self.invokes) == 1:
             return 0 if invoke is None else invoke
