@@ -592,3 +592,26 @@ def test_attention_patterns_read_and_edited_remotely_equal_local(remote_lm):
     with remote_lm.trace("Hello world, again"):
         plain = remote_lm.lm_head.output.save()
     assert not torch.equal(plain.value, logits)  # the edit changed the remote run, and only that run
+
+
+def test_a_saved_key_value_cache_comes_back_as_a_cache_equal_to_local(remote_lm):
+    from transformers import DynamicCache
+    local = LanguageModel(make_tiny_gpt2(), tokenizer=remote_lm.tokenizer)
+    outputs = {}
+    for name, lm in (("remote", remote_lm), ("local", local)):
+        with lm.trace("Hello world, again"):
+            outputs[name] = lm.output.save()
+    remote_cache, local_cache = (outputs[name].value.past_key_values for name in ("remote", "local"))
+    assert type(remote_cache) is DynamicCache and len(remote_cache.layers) == len(local_cache.layers) == 2
+    assert remote_cache.get_seq_length() == local_cache.get_seq_length() > 0
+    for mine, theirs in zip(remote_cache.layers, local_cache.layers):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+    assert torch.equal(outputs["remote"].value.logits, outputs["local"].value.logits)
+
+
+@pytest.mark.parametrize("body", [[[1, 2]], [["keys only"]], "layers", [[{"dict": []}, {"dict": []}]]])
+def test_a_malformed_key_value_cache_in_an_answer_is_refused(body):
+    from nnsight_magic.remote.wire import decode_result
+    from nnsight_magic.tracing.serialize import TensorReader
+    with pytest.raises(ValueError):
+        decode_result({"kv_cache": body}, TensorReader(b""))
