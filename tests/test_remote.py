@@ -378,7 +378,9 @@ def test_the_inspector_shows_the_requests_place_its_steps_and_done(remote_lm, ca
     assert inspector.headers[0].startswith("queued (place 2) · ")
     assert any("· running on the server · " in header and "step 2/2" in header for header in inspector.headers)
     assert inspector.state == "done" and "on the server" not in inspector._header_text()
-    assert inspector._header_text().endswith("— done")
+    first_line, generated = inspector._header_text().split("\n")
+    assert first_line.endswith("— done") and "2 tokens" in first_line   # streamed from the server as they came
+    assert generated == f"generated: {remote_lm.tokenizer.decode(tokens.value[0, 1:])!r}"
     assert tokens.value.shape == (1, 3)
 
 
@@ -516,8 +518,8 @@ class Stuck:
     def describe(self):
         return pack({})
 
-    def run_here(self, body, on_step, seconds, max_bytes):
-        on_step(0)
+    def run_here(self, body, on_status, seconds, max_bytes):
+        on_status({"status": "step", "step": 0})
         self.release.wait(30)
         return pack({"traces": [], "printed": ""})
 
@@ -615,3 +617,34 @@ def test_a_malformed_key_value_cache_in_an_answer_is_refused(body):
     from nnsight_magic.tracing.serialize import TensorReader
     with pytest.raises(ValueError):
         decode_result({"kv_cache": body}, TensorReader(b""))
+
+
+class Collect:
+    """A streamer that records what ``generate`` hands it (``put`` per step, then ``end``)."""
+
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_a_streamer_receives_the_remote_tokens_as_they_are_generated(remote_lm):
+    local = LanguageModel(make_tiny_gpt2(), tokenizer=remote_lm.tokenizer)
+    streams, log = {}, StatusLog()
+    for name, lm in (("remote", remote_lm), ("local", local)):
+        streams[name] = Collect()
+        with lm.generate("Hello world", max_new_tokens=3, streamer=streams[name]) as tracer:
+            if name == "remote":
+                tracer.observers.append(log)
+            result = tracer.result.save()
+        streams[name].result = result.value
+    remote, here = streams["remote"], streams["local"]
+    assert remote.ended and here.ended and len(remote.puts) == len(here.puts) == 4   # the prompt, then 3 tokens
+    assert [torch.tensor(put).flatten().tolist() for put in remote.puts] == \
+        [torch.tensor(put).flatten().tolist() for put in here.puts]
+    assert torch.equal(remote.result, here.result)
+    assert log.events == [("running", None), ("finished", None)]

@@ -176,8 +176,9 @@ class Connection:
             raise decode_error(header["error"])
         return header, blob
 
-    def run(self, body: bytes, observers: list) -> bytes:
-        """Send a run request; tell ``observers`` its queue place, start and steps; return the answer's bytes."""
+    def run(self, body: bytes, observers: list, streamers: list | None = None) -> bytes:
+        """Send a run request; tell ``observers`` its queue place, start and steps, and ``streamers`` (one per
+        trace, or ``None``) the tokens generated; return the answer's bytes."""
         connection, response = self.post("run", body)
         try:
             while True:
@@ -187,7 +188,7 @@ class Connection:
                     raise RuntimeError("the model's worker stopped (or the connection to it broke) while running "
                                        f"this request ({error}); run the trace again") from None
                 if kind == STATUS:
-                    _tell(observers, json.loads(payload))
+                    _tell(observers, json.loads(payload), streamers)
                 elif kind == RESULT:
                     response.read()  # the end of the stream, so the connection can carry the next request
                     self._keep(connection, response)
@@ -216,7 +217,14 @@ def _open_and_quiet(connection: http.client.HTTPConnection) -> bool:
         return False
 
 
-def _tell(observers: list, status: dict) -> None:
+def _tell(observers: list, status: dict, streamers: list | None = None) -> None:
+    if status.get("status") == "tokens":  # a generation's new tokens, for the streamer its trace was given
+        trace = status.get("trace")
+        streamer = streamers[trace] if streamers and isinstance(trace, int) and 0 <= trace < len(streamers) \
+            else None
+        if streamer is not None:
+            streamer.put(torch.tensor(status.get("ids", []), dtype=torch.long))
+        return
     for observer in observers:
         if status.get("status") == "step":
             observer.step_started(int(status["step"]))
@@ -395,10 +403,14 @@ class RemoteModel(NNsight):
         answers: list = []
         error: BaseException | None = None
         try:
-            data = self._connection.run(request, observers)
+            streamers = [tracer.run_options.get("streamer") for tracer in tracers]
+            data = self._connection.run(request, observers, streamers)
             answers, printed, error = decode_answer([tracer.graph for tracer in tracers], data, self._result_device)
             if printed:
                 print(printed, end="")
+            for streamer in streamers:
+                if streamer is not None and error is None:
+                    streamer.end()  # as generate ends its streamer: every token has arrived
         except BaseException as exception:
             error = exception
         for position, tracer in enumerate(tracers):

@@ -92,7 +92,7 @@ class RayCalls:
 class LocalCalls:
     """A model actor's own door's way to its model: the worker's methods, called in this process on one thread.
 
-    ``worker`` has ``describe()``, ``scan(body)``, ``module_scan(body)`` and ``run_here(body, on_step, seconds,
+    ``worker`` has ``describe()``, ``scan(body)``, ``module_scan(body)`` and ``run_here(body, on_status, seconds,
     max_bytes)``; ``thread`` is the one-thread executor that every scan and run of the model goes through, so
     they stay serial (describe reads only the tree and runs beside them). A run past the time limit cannot be
     stopped in its thread: once its ``TimeoutError`` frame is sent, this process ends and Ray restarts the actor.
@@ -113,10 +113,10 @@ class LocalCalls:
         """The answer frame's kind and payload, and what to do once it is sent (end this process, or nothing)."""
         loop = asyncio.get_running_loop()
 
-        def on_step(step: int) -> None:  # on the model's thread: queued on the loop before the answer is
-            loop.call_soon_threadsafe(door.tell_step, request_id, step)
+        def on_status(status: dict) -> None:  # on the model's thread: queued on the loop before the answer is
+            loop.call_soon_threadsafe(door.tell, request_id, status)
 
-        work = loop.run_in_executor(self.thread, self.worker.run_here, body, on_step, limits.seconds,
+        work = loop.run_in_executor(self.thread, self.worker.run_here, body, on_status, limits.seconds,
                                     limits.max_response_bytes)
         try:
             return RESULT, await asyncio.wait_for(asyncio.shield(work), limits.seconds + limits.grace_seconds), None
@@ -182,14 +182,14 @@ class Door:
             self.server.should_exit = True
             await self._task
 
-    async def step(self, request_id: str, step: int) -> None:
-        """A model actor tells the door that a request reached a generation step."""
-        self.tell_step(request_id, step)
+    async def status(self, request_id: str, status: dict) -> None:
+        """A model actor tells the door a running request's status: a generation step, or tokens generated."""
+        self.tell(request_id, status)
 
-    def tell_step(self, request_id: str, step: int) -> None:
+    def tell(self, request_id: str, status: dict) -> None:
         queue = self.streams.get(request_id)
         if queue is not None:
-            queue.put_nowait(("step", step))
+            queue.put_nowait(("status", status))
 
     # -------------------------------------------------------------------------------------------- HTTP
     async def _handle(self, request: Any) -> Any:
@@ -251,13 +251,13 @@ class Door:
                 if getter.done():
                     event = getter.result()
                     if event is not None:
-                        yield _status({"status": "step", "step": event[1]})
+                        yield _status(event[1])
                 else:
                     getter.cancel()
-            while not queue.empty():  # steps told just before the answer
+            while not queue.empty():  # statuses told just before the answer
                 event = queue.get_nowait()
                 if event is not None:
-                    yield _status({"status": "step", "step": event[1]})
+                    yield _status(event[1])
             kind, payload, after = call.result()
             yield frame(kind, payload)
         finally:

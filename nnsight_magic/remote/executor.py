@@ -18,6 +18,8 @@ import io
 import time
 from typing import Any, Callable
 
+import torch
+
 from ..intervention.backends import run_trace
 from ..intervention.parameters import ParameterValue, parameter_kind
 from ..intervention.session import Session
@@ -70,13 +72,30 @@ class ServedTrace:
         return [self.saved[index]] if index in self.saved else []
 
 
+class TokenRelay:
+    """The streamer a served generation gets when its client passed one: each ``put`` is told to the client as a
+    ``tokens`` status (``ids``: the token ids, one list per row; ``trace``: which trace of the request), where the
+    client's own streamer receives them."""
+
+    def __init__(self, on_status: Callable[[dict], None], trace: int):
+        self.on_status = on_status
+        self.trace = trace
+
+    def put(self, value: torch.Tensor) -> None:
+        self.on_status({"status": "tokens", "trace": self.trace, "ids": value.reshape(value.shape[0] if value.dim()
+                                                                                     else 1, -1).tolist()})
+
+    def end(self) -> None:
+        pass
+
+
 class Deadline:
     """An observer that ends a run (``TimeoutError``) once it has taken longer than ``seconds``."""
 
-    def __init__(self, seconds: float, on_step: Callable[[int], None] | None = None):
+    def __init__(self, seconds: float, on_status: Callable[[dict], None] | None = None):
         self.seconds = seconds
         self.end = time.monotonic() + seconds
-        self.on_step = on_step
+        self.on_status = on_status
 
     def graph_built(self, tracer: Any) -> None: ...
 
@@ -87,8 +106,8 @@ class Deadline:
 
     def step_started(self, step: int) -> None:
         self.node_status(-1, 0)
-        if self.on_step is not None:
-            self.on_step(step)
+        if self.on_status is not None:
+            self.on_status({"status": "step", "step": step})
 
     def run_finished(self, tracer: Any, execution: Any, error: BaseException | None) -> None: ...
 
@@ -97,8 +116,9 @@ class Deadline:
 def encode_request(tracers: list, bridges: list[dict] | None = None, keep: list[list[int]] | None = None) -> bytes:
     """The request that runs ``tracers`` (one trace, or a session's traces in order) on the server.
 
-    A ``streamer=`` (the inspector's token stream, or the user's) does not travel: the tokens arrive with the
-    answer, step by step only as ``step_started`` statuses.
+    A ``streamer=`` (the inspector's token stream, or the user's) does not travel: the request asks for the
+    tokens (``stream``), the server relays them as ``tokens`` statuses while it generates (:class:`TokenRelay`),
+    and the client hands them to the streamer here.
     ``bridges`` gives each trace's bridge nodes their values when the earlier trace ran elsewhere (a plain
     ``Session`` that runs trace by trace); ``keep`` the nodes whose values must come back although unsaved.
     """
@@ -109,8 +129,10 @@ def encode_request(tracers: list, bridges: list[dict] | None = None, keep: list[
         traces.append({
             "graph": serialize.dumps(tracer.graph, tensors),
             "invokes": encode_inputs(tracer.invokes, tensors),
-            "options": encode_value({key: value for key, value in tracer.run_options.items()
-                                     if key != "streamer"}, tensors),  # a streamer stays here (see below)
+            "options": encode_value({**{key: value for key, value in tracer.run_options.items()
+                                        if key != "streamer"},
+                                     **({"stream": True} if "streamer" in tracer.run_options else {})},
+                                    tensors),  # a streamer stays here (see above)
             "grad": bool(tracer.needs_grad),
             "bridges": [[key[0], key[1], proxy.node.index] for key, proxy in tracer._bridges.items()
                         if proxy.node.index not in given],
@@ -227,15 +249,20 @@ def run_request(model: Any, served: list[tuple[ServedTrace, dict]], observer: An
 
 
 def execute(model: Any, header: dict, blob: bytes, seconds: float = 60.0,
-            on_step: Callable[[int], None] | None = None, max_bytes: int = 1 << 30) -> bytes:
-    """Decode, check and run a request; the answer (results, or the error with values saved before it)."""
+            on_status: Callable[[dict], None] | None = None, max_bytes: int = 1 << 30) -> bytes:
+    """Decode, check and run a request; the answer (results, or the error with values saved before it).
+
+    ``on_status`` is told each generation step, and the tokens of a generation whose client streams them."""
     printed = io.StringIO()
     served: list[tuple[ServedTrace, dict]] = []
     error: BaseException | None = None
     try:
         served = decode_request(model, header, blob)
+        for position, (trace, _) in enumerate(served):
+            if trace.run_options.pop("stream", None) is True and on_status is not None:
+                trace.run_options["streamer"] = TokenRelay(on_status, position)
         with contextlib.redirect_stdout(printed):
-            run_request(model, served, Deadline(seconds, on_step))
+            run_request(model, served, Deadline(seconds, on_status))
     except Exception as exception:  # the client raises it again, with its type and the user's line
         error = exception
     answer = encode_answer([trace for trace, _ in served], printed.getvalue(), error)

@@ -176,15 +176,15 @@ class ModelWorker:
         """Run one request the front door sent (a trace, or a session's traces); the answer's bytes."""
         door = self.door
 
-        def on_step(step: int) -> None:
-            if door is not None:  # waited for, so the client hears every step before the answer
+        def on_status(status: dict) -> None:
+            if door is not None:  # waited for, so the client hears every status before the answer
                 import ray
                 try:
-                    ray.get(door.step.remote(request_id, step), timeout=5)
+                    ray.get(door.status.remote(request_id, status), timeout=5)
                 except ray.exceptions.RayError:
                     pass
 
-        return self._on_model_thread(self.run_here, body, on_step, seconds, max_bytes)
+        return self._on_model_thread(self.run_here, body, on_status, seconds, max_bytes)
 
     def _on_model_thread(self, method: Callable, *args: Any) -> bytes:
         """``method(*args)`` on the thread every scan and run goes through (a Ray call waits its turn there)."""
@@ -236,13 +236,14 @@ class ModelWorker:
         encoder = FakeEncoder()
         return pack({"fake": encoder.encode(result), "storages": encoder.storages})
 
-    def run_here(self, body: bytes, on_step: Callable[[int], None], seconds: float, max_bytes: int) -> bytes:
-        """Run one request on this thread, telling ``on_step`` each generation step; the answer's bytes."""
+    def run_here(self, body: bytes, on_status: Callable[[dict], None], seconds: float, max_bytes: int) -> bytes:
+        """Run one request on this thread, telling ``on_status`` each generation step (and the tokens of a
+        trace whose client streams them); the answer's bytes."""
         try:
             header, blob = unpack(body)
         except ValueError as error:
             return pack({"traces": [], "printed": "", "error": encode_error(error)})
-        return execute(self.model, header, blob, seconds=seconds, on_step=on_step, max_bytes=max_bytes)
+        return execute(self.model, header, blob, seconds=seconds, on_status=on_status, max_bytes=max_bytes)
 
 
 def encode_scan_request(prepared: Any, options: dict, step: int) -> bytes:
