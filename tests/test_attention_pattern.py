@@ -148,3 +148,15 @@ def test_a_pattern_index_out_of_range_is_caught_before_the_model_runs(any_lm):
             reached.append("the next line")
     assert "test_attention_pattern.py" in str(caught.value) and "size 4" in str(caught.value) and reached == []
     assert hook_count(any_lm._module) == 0
+
+
+def test_a_module_pattern_cannot_be_recomputed_for_says_why_at_the_line():
+    from conftest import make_tiny
+    from nnsight_magic import NNsight
+    from nnsight_magic.intervention.attention import AttentionEnvoy
+    net = NNsight(make_tiny(), envoys={torch.nn.Linear: AttentionEnvoy})   # a Linear is no attention module
+    with pytest.raises(AttributeError, match=r"test_attention_pattern.py:\d+ .*layer1 \(Linear\): attention patterns "
+                                             r"are recomputed for GPT-2-style \(c_attn\) and Llama-style"):
+        with net.trace(torch.ones(1, 5)):
+            net.layer1.pattern.save()
+    assert hook_count(net._module) == 0

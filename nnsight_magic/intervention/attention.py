@@ -48,7 +48,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ..tracing.node import user_line
 from ..tracing.proxy import Proxy
 from ..tracing.serialize import OpaqueValue
-from .envoy import Envoy
+from .envoy import Envoy, surfacing
 
 
 def probabilities(query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float) -> torch.Tensor:
@@ -251,7 +251,7 @@ def same_value(value: Any) -> Any:
 class AttentionEnvoy(Envoy):
     """The Envoy of an attention module: ``.pattern``, read and edited (see the module docstring)."""
 
-    @property
+    @surfacing
     def pattern(self) -> Any:
         """``(batch, heads, query, key)`` attention probabilities of this module's current call."""
         tracer = self._tracer("read .pattern")

@@ -17,6 +17,7 @@ Wrong names raise ``AttributeError`` listing the closest child names. A module w
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Any, Iterator
 
 import torch
@@ -28,6 +29,20 @@ from .source_install import SourceOperations
 
 _VALUE_NAMES = ("output", "input", "inputs")
 _POSITIONS = tuple(str(index) for index in range(256))  # a ModuleList's child names, made once
+
+
+def surfacing(getter: Any) -> property:
+    """An Envoy property whose own ``AttributeError`` reaches the caller (``attn.pattern`` on an attention module
+    without ``q_proj``): Python would answer it with ``__getattr__``, which would say the module has no such child.
+    The getter leaves its error on the Envoy, and :meth:`Envoy.__getattr__` raises it unchanged."""
+    @functools.wraps(getter)
+    def wrapper(self: "Envoy") -> Any:
+        try:
+            return getter(self)
+        except AttributeError as error:
+            self.__dict__["_property_error"] = error
+            raise
+    return property(wrapper)
 
 
 class Envoy:
@@ -145,6 +160,9 @@ class Envoy:
         return child
 
     def __getattr__(self, name: str) -> Any:
+        error = self.__dict__.pop("_property_error", None)
+        if error is not None:
+            raise error  # a property of this Envoy failed with its own AttributeError (see `surfacing`)
         if name.startswith("_") and name in ("_module", "_path", "_root", "_children", "_active_tracer"):
             raise AttributeError(name)  # not yet set (during construction or copying)
         module = self._module
