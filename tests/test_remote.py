@@ -648,3 +648,32 @@ def test_a_streamer_receives_the_remote_tokens_as_they_are_generated(remote_lm):
         [torch.tensor(put).flatten().tolist() for put in here.puts]
     assert torch.equal(remote.result, here.result)
     assert log.events == [("running", None), ("finished", None)]
+
+
+def test_source_operations_read_and_edited_remotely_equal_local(remote_lm):
+    local = LanguageModel(make_tiny_gpt2(), tokenizer=remote_lm.tokenizer)
+    remote_attn, local_attn = remote_lm.transformer.h[0].attn, local.transformer.h[0].attn
+    assert list(remote_attn.source) == list(local_attn.source)           # the server's listing of its forward
+    assert "GPT2Attention.forward (modeling_gpt2.py:" in str(remote_attn.source)
+    results = {}
+    for name, lm in (("remote", remote_lm), ("local", local)):
+        with lm.trace("Hello world, again"):
+            qkv = lm.transformer.h[0].attn.source.c_attn_1.output.save()
+            shape = qkv.shape                                              # known while building, remotely too
+            lm.transformer.h[1].mlp.source.act_0.output[:] = 0             # an edit inside block 1's MLP
+            logits = lm.lm_head.output.save()
+        results[name] = (shape, qkv.value, logits.value)
+    (shape, qkv, logits), (local_shape, local_qkv, local_logits) = results["remote"], results["local"]
+    assert shape == local_shape == qkv.shape
+    assert torch.equal(qkv, local_qkv) and torch.equal(logits, local_logits)
+    assert "source" not in remote_attn._module._modules                   # nothing stays installed here
+
+
+def test_source_requests_for_what_the_model_does_not_have_are_refused(remote_lm):
+    with pytest.raises(ValueError, match="no module 'transformer.h.7'"):
+        remote_lm._connection.call("source", pack({"path": "transformer.h.7"}))
+    with pytest.raises(ValueError, match="not an operation's"):
+        remote_lm._connection.call("source", pack({"path": "transformer.h.0.attn.source.c_attn_1"}))
+    with remote_lm.trace("Hello"):                                        # the server still serves
+        out = remote_lm.lm_head.output.save()
+    assert out.value.shape[:2] == (1, 1)

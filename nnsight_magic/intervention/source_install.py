@@ -131,7 +131,7 @@ class SourceOperations(torch.nn.Module):
     def __init__(self, rewrite: ForwardRewrite):
         super().__init__()
         self.rewrite = rewrite
-        names = _innermost(rewrite.function).__globals__
+        names = getattr(_innermost(rewrite.function), "__globals__", {})
         for site in rewrite.sites:
             self.add_module(site.name, Operation(site, names) if site.kind == "call" else AssignedValue(site))
 
@@ -168,6 +168,13 @@ def operations_of(module: torch.nn.Module) -> SourceOperations:
     """
     if isinstance(module, Operation):
         return _called_operations(module)
+    described = getattr(module, "described_operations", None)
+    if described is not None:  # a remote model's module: its server describes the operations
+        rewrite = described()
+        holder = _holders.get(module)
+        if holder is None or holder.rewrite is not rewrite:
+            holder = _holders[module] = SourceOperations(rewrite)
+        return holder
     existing = module._modules.get(SOURCE_KEY)
     if existing is not None and not isinstance(existing, SourceOperations):
         raise SourceUnavailable(f"{type(module).__name__} has a child module named {SOURCE_KEY!r}; its operations "
@@ -202,6 +209,38 @@ def _called_operations(operation: Operation) -> SourceOperations:
     return holder
 
 
+def describe_operations(holder: SourceOperations) -> dict:
+    """The operations of a module's forward as JSON, for a remote model's client (:class:`DescribedOperations`)."""
+    rewrite = holder.rewrite
+    return {"qualname": rewrite.qualname, "filename": rewrite.filename, "first_line": rewrite.first_line,
+            "lines": list(rewrite.lines),
+            "sites": [[site.name, site.kind, site.line, site.text, list(site.lines)] for site in rewrite.sites]}
+
+
+class DescribedOperations:
+    """The operations of a module's forward as its server described them (:func:`describe_operations`): names,
+    kinds, lines and the source text to print; no function (the forward runs rewritten on the server only).
+
+    Raises ``ValueError`` for a description that is not made of those parts.
+    """
+
+    function = None
+    forward = None
+
+    def __init__(self, data: Any):
+        try:
+            self.qualname, self.filename, self.first_line = str(data["qualname"]), str(data["filename"]), \
+                int(data["first_line"])
+            self.lines = [str(line) for line in data["lines"]]
+            self.sites = [Site(str(name), str(kind), int(line), str(text), tuple(int(each) for each in lines))
+                          for name, kind, line, text, lines in data["sites"]]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"a malformed description of a module's operations ({error}); refused") from None
+        if any(not site.name.isidentifier() or site.kind not in ("call", "assignment", "variable")
+               for site in self.sites):
+            raise ValueError("an operation of a described forward has a bad name or kind; refused")
+
+
 def split_path(path: str) -> tuple[str, str] | None:
     """``"h.0.attn.source.attn_weights"`` → ``("h.0.attn", "attn_weights")``; ``None`` for other paths."""
     parts = path.split(".")
@@ -228,6 +267,8 @@ def _install(module: torch.nn.Module) -> None:
     count = _counts.get(module, 0)
     if count == 0 and isinstance(module, Operation):
         module._modules[SOURCE_KEY] = operations_of(module)  # its forward calls the function rewritten
+    elif count == 0 and isinstance(operations_of(module).rewrite, DescribedOperations):
+        module._modules[SOURCE_KEY] = operations_of(module)  # a remote model's module: only the paths, here
     elif count == 0:
         holder = operations_of(module)
         slot = _slot(module)
@@ -259,9 +300,12 @@ def use_source(tracer: Any, path: str) -> None:
     trace's scans and its run) until :func:`release_sources`. Scans made before now have no operations, so the
     trace forgets them."""
     parts = split_path(path)
-    if parts is None:
-        return
-    module_path, _ = parts
+    if parts is not None:
+        install_for(tracer, parts[0])
+
+
+def install_for(tracer: Any, module_path: str) -> None:
+    """Run the forward of the module at ``module_path`` rewritten for ``tracer`` (see :func:`use_source`)."""
     if any(installed == module_path for installed, _ in tracer._sources):
         return
     use_source(tracer, module_path)  # an operation inside a called function: first the forward that calls it
@@ -289,6 +333,33 @@ def release_sources(tracer: Any) -> None:
             paths[module_path] -= 1
             if not paths[module_path]:
                 del paths[module_path]
+
+
+class SourceUse:
+    """Operations installed for something other than a trace being built: a server's scan for a remote client
+    whose trace reads ``.source`` paths.
+
+    In [1]: with SourceUse(model, ["transformer.h.0.attn"]):
+       ...:     scan = model._scan(prepared, options)      # records the operations of h.0.attn's forward too
+    """
+
+    def __init__(self, model: Any, module_paths: list[str]):
+        self.model = model
+        self.module_paths = module_paths
+        self._sources: list[tuple[str, Any]] = []
+        self._scans: dict = {}
+
+    def __enter__(self) -> "SourceUse":
+        try:
+            for path in self.module_paths:
+                install_for(self, path)
+        except BaseException:
+            release_sources(self)
+            raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        release_sources(self)
 
 
 def installed_sources(root: torch.nn.Module) -> tuple[str, ...]:

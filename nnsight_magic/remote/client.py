@@ -12,7 +12,10 @@ errors at the same lines. When the block ends, the graph goes to the server as d
 values. Invokes, ``generate`` with steps, ``.grad``, ``stop``, edits and ``%%trace remote "prompt"`` work
 unchanged; a session (``with remote.session():``, ``%%session``, ``%session run``) is one request. A module
 called on a traced value (``remote.lm_head(h)``) gets its shape from the server (a ``module_scan`` on a fake
-twin); the tree's parameters are weightless placeholders, so ``remote.layer1.weight`` in a trace has its shape. Observers of a trace hear
+twin); the tree's parameters are weightless placeholders, so ``remote.layer1.weight`` in a trace has its shape.
+Attention modules carry the settings ``attn.pattern`` reads; ``module.source`` lists what the server describes
+(``source``), and the server runs the forward rewritten for its scans and runs. A ``streamer=`` given to
+``generate`` gets the tokens as the server relays them. Observers of a trace hear
 ``request_status("queued", place)``, ``request_status("running", None)`` and ``step_started(step)``.
 """
 
@@ -38,6 +41,7 @@ import torch
 from ..intervention.session import Session
 from ..intervention.tracer import DONE, FAILED, RUNNING
 from ..intervention.attention import AttentionEnvoy
+from ..intervention.source_install import DescribedOperations, installed_sources
 from ..models.language import LanguageModel
 from ..models.nnsight import SCAN_CACHE_SIZE, NNsight, input_signature
 from ..tracing.serialize import FakeDecoder, FakeEncoder
@@ -259,6 +263,13 @@ class _Skeleton(torch.nn.Module):
     def __repr__(self) -> str:
         return self._leaf_repr or super().__repr__()
 
+    def described_operations(self) -> Any:
+        """The operations of the server module's forward (``remote.h[0].attn.source``), asked once."""
+        described = self.__dict__.get("_described")
+        if described is None:
+            described = self.__dict__["_described"] = self.__dict__["_remote"].source_of(self.__dict__["_path"])
+        return described
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """On fake tensors (building a trace: ``lm.lm_head(h)``), the server's fake result; else an error."""
         remote = self.__dict__.get("_remote")
@@ -362,13 +373,14 @@ class RemoteModel(NNsight):
     def _scan(self, prepared: Any, options: dict, step: int = 0) -> ModuleScan | None:
         """The server's fake-tensor scan of this input (cached per input signature)."""
         step = step if options.get("generate") else 0
+        sources = installed_sources(self._module)  # `.source` read in the trace: the server scans them too
         key = ("remote", step, input_signature(prepared.args), input_signature(prepared.kwargs),
-               input_signature(options))
+               input_signature(options), sources)
         cache = self._scan_cache
         if key in cache:
             cache.move_to_end(key)
             return cache[key]
-        header, _ = self._connection.call("scan", encode_scan_request(prepared, options, step))
+        header, _ = self._connection.call("scan", encode_scan_request(prepared, options, step, sources))
         cache[key] = scan = _rebuild_scan(header)
         if len(cache) > SCAN_CACHE_SIZE:
             cache.popitem(last=False)
@@ -389,6 +401,11 @@ class RemoteModel(NNsight):
         if len(cache) > SCAN_CACHE_SIZE:
             cache.popitem(last=False)
         return result
+
+    def source_of(self, path: str) -> DescribedOperations:
+        """The operations of the forward of the server's module at ``path``, as the server describes them."""
+        header, _ = self._connection.call("source", pack({"path": path}))
+        return DescribedOperations(header.get("operations"))
 
     def _run_elsewhere(self, tracer: Any, bridges: dict | None, keep: frozenset, on_update: Any) -> Any:
         """Run ``tracer`` on the server (``run_trace`` hands remote traces here)."""

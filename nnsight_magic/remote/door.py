@@ -9,7 +9,8 @@ Each model actor also runs a door of its own, for its model only, on a thread of
 clients send scans and runs there. The front door still runs them, through Ray, for a client that cannot reach
 the model's own door (behind a tunnel to the front door's port).
 
-Routes (``POST``, ``Authorization: Bearer TOKEN``): ``/v1/NAME/describe``, ``/v1/NAME/scan``, ``/v1/NAME/run``;
+Routes (``POST``, ``Authorization: Bearer TOKEN``): ``/v1/NAME/describe``, ``/v1/NAME/scan``,
+``/v1/NAME/module_scan``, ``/v1/NAME/source`` (a module's ``.source`` listing), ``/v1/NAME/run``;
 ``/v1/NAME/hello`` (no token) answers ``HMAC-SHA256(sha256(token), X-Challenge)``, so a client can check that a
 door it was pointed to serves the model before it sends the token there.
 The token is checked before the body is read (401), then the body's size (413). Requests to one model queue in
@@ -65,7 +66,7 @@ class RayCalls:
         self.restarting = False  # the last run killed or lost the actor: wait until Ray has it back
 
     async def ask(self, action: str, body: bytes) -> bytes:
-        """``describe``, ``scan`` or ``module_scan``, waiting while Ray restarts the actor."""
+        """``describe``, ``scan``, ``module_scan`` or ``source``, waiting while Ray restarts the actor."""
         method = getattr(self.worker, action)
         return await _patiently(lambda: method.remote() if action == "describe" else method.remote(body))
 
@@ -215,7 +216,7 @@ class Door:
         body = await request.body()
         if len(body) > self.limits.max_request_bytes:
             return _json(413, "the request is over this server's size limit")
-        if action in ("describe", "scan", "module_scan"):
+        if action in ("describe", "scan", "module_scan", "source"):
             try:
                 return Response(await model.calls.ask(action, body), media_type="application/octet-stream")
             except Exception as error:  # the model actor died for good

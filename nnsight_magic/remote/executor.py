@@ -23,6 +23,7 @@ import torch
 from ..intervention.backends import run_trace
 from ..intervention.parameters import ParameterValue, parameter_kind
 from ..intervention.session import Session
+from ..intervention.source_install import MARK as SOURCE_MARK, release_sources, use_source
 from ..tracing import serialize
 from ..tracing.execution import DONE, Execution
 from ..tracing.graph import Graph
@@ -57,6 +58,23 @@ class ServedTrace:
         self.keep = keep
         self.saved: dict[int, Proxy] = {}
         self.execution: Execution | None = None
+        self._sources: list[tuple[str, Any]] = []  # modules running rewritten for `.source` paths (see use_sources)
+        self._scans: dict = {}
+
+    def use_sources(self) -> None:
+        """Run rewritten the forwards whose operations the graph reads (``h.0.attn.source.attn_weights``) until
+        :meth:`release_sources`; ``ValueError`` for a path that names no module of this model."""
+        for node in self.graph.nodes:
+            if node.op in ("module_output", "module_inputs") and isinstance(node.target, str) and \
+                    SOURCE_MARK in node.target:
+                try:
+                    use_source(self, node.target)
+                except (AttributeError, KeyError, TypeError) as error:
+                    raise ValueError(f"node %{node.index} reads the operation {node.target!r}, which this model's "
+                                     f"forwards do not have ({error}); refused") from None
+
+    def release_sources(self) -> None:
+        release_sources(self)
 
     def _detach(self, execution: Execution | None) -> None:
         if execution is None:
@@ -174,18 +192,21 @@ def decode_answer(graphs: list[Graph], data: bytes, device: Any = None) -> tuple
 
 
 # ------------------------------------------------------------------------------------------- server side
-def decode_request(model: Any, header: dict, blob: bytes) -> list[tuple[ServedTrace, dict]]:
-    """The traces of a request, rebuilt and checked against ``model``; ``ValueError`` for anything refused."""
+def decode_request(model: Any, header: dict, blob: bytes,
+                   served: list[tuple[ServedTrace, dict]] | None = None) -> list[tuple[ServedTrace, dict]]:
+    """The traces of a request, rebuilt and checked against ``model``; ``ValueError`` for anything refused.
+
+    ``served`` receives each trace as it is rebuilt (so a caller can release what a trace installed when a
+    later one is refused)."""
     if header.get("version") != REQUEST_VERSION or not isinstance(header.get("traces"), list) or \
             not header["traces"]:
         raise ValueError(f"a request holds a version ({REQUEST_VERSION}) and a non-empty list of traces; refused")
     tensors = TensorReader(blob)
-    served = []
+    served = [] if served is None else served
     for raw in header["traces"]:
         if not isinstance(raw, dict):
             raise ValueError("a trace is a JSON object; refused")
         graph = serialize.loads(raw.get("graph"), tensors)
-        check_paths(model, graph)
         options = decode_value(raw.get("options", {"dict": []}), tensors)
         if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
             raise ValueError("run options must be a dict with string keys; refused")
@@ -210,6 +231,8 @@ def decode_request(model: Any, header: dict, blob: bytes) -> list[tuple[ServedTr
         trace = ServedTrace(model, graph, decode_inputs(raw.get("invokes"), tensors), options,
                             raw.get("grad") is True, bridges, keep)
         served.append((trace, given))
+        trace.use_sources()  # before the paths are checked: `.source` paths exist while installed
+        check_paths(model, graph)
     return served
 
 
@@ -257,7 +280,7 @@ def execute(model: Any, header: dict, blob: bytes, seconds: float = 60.0,
     served: list[tuple[ServedTrace, dict]] = []
     error: BaseException | None = None
     try:
-        served = decode_request(model, header, blob)
+        served = decode_request(model, header, blob, served)
         for position, (trace, _) in enumerate(served):
             if trace.run_options.pop("stream", None) is True and on_status is not None:
                 trace.run_options["streamer"] = TokenRelay(on_status, position)
@@ -265,6 +288,9 @@ def execute(model: Any, header: dict, blob: bytes, seconds: float = 60.0,
             run_request(model, served, Deadline(seconds, on_status))
     except Exception as exception:  # the client raises it again, with its type and the user's line
         error = exception
+    finally:
+        for trace, _ in served:
+            trace.release_sources()
     answer = encode_answer([trace for trace, _ in served], printed.getvalue(), error)
     if len(answer) > max_bytes:
         return encode_answer([], printed.getvalue(), ValueError(

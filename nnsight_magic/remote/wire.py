@@ -22,6 +22,7 @@ import torch
 
 from ..errors import OutOfOrderError
 from ..intervention.cache import ModuleCache
+from ..intervention.source_rewrite import SourceUnavailable
 from ..tracing import serialize
 from ..tracing.serialize import TensorReader, TensorWriter, decode_value, encode_value, opaque_value, parse_json
 
@@ -33,6 +34,7 @@ _ERROR_TYPES = {name: getattr(builtins, name) for name in (
     "OSError", "OverflowError", "PermissionError", "RecursionError", "RuntimeError", "StopIteration",
     "TimeoutError", "TypeError", "UnboundLocalError", "ValueError", "ZeroDivisionError", "ConnectionError")}
 _ERROR_TYPES["OutOfOrderError"] = OutOfOrderError
+_ERROR_TYPES["SourceUnavailable"] = SourceUnavailable
 
 
 # --------------------------------------------------------------------------------------------- frames

@@ -172,6 +172,24 @@ class ModelWorker:
         """
         return self._on_model_thread(self._module_scan, body)
 
+    def source(self, body: bytes) -> bytes:
+        """The operations of one module's forward (``remote.layers[0].attn.source``): names, kinds, lines and the
+        source text, as :func:`~nnsight_magic.intervention.source_install.describe_operations` gives them."""
+        from ..intervention.source_install import describe_operations, operations_of
+        from ..intervention.source_rewrite import SOURCE_KEY, SourceUnavailable
+        try:
+            header, _ = unpack(body)
+            path = header.get("path")
+            if not isinstance(path, str) or SOURCE_KEY in path.split("."):
+                raise ValueError("a source request names one module's path (not an operation's); refused")
+            try:
+                module = self.model._submodule(path)
+            except (KeyError, AttributeError):
+                raise ValueError(f"this model has no module {path!r}; refused") from None
+            return pack({"operations": describe_operations(operations_of(module))})
+        except (ValueError, SourceUnavailable) as error:
+            return pack({"error": encode_error(error)})
+
     def run(self, body: bytes, request_id: str, seconds: float, max_bytes: int) -> bytes:
         """Run one request the front door sent (a trace, or a session's traces); the answer's bytes."""
         door = self.door
@@ -198,10 +216,14 @@ class ModelWorker:
             tensors = TensorReader(blob)
             (prepared,) = decode_inputs([header.get("invoke")], tensors)
             options = decode_value(header.get("options", {"dict": []}), tensors)
-            step = header.get("step", 0)
-            if not isinstance(options, dict) or not isinstance(step, int):
-                raise ValueError("a scan request holds options (a dict) and a step (an int); refused")
-            scan = self.model._scan(prepared, options, step)
+            step, sources = header.get("step", 0), header.get("sources", [])
+            if not isinstance(options, dict) or not isinstance(step, int) or not isinstance(sources, list) or \
+                    not all(isinstance(path, str) for path in sources):
+                raise ValueError("a scan request holds options (a dict), a step (an int) and sources (module "
+                                 "paths); refused")
+            from ..intervention.source_install import SourceUse
+            with SourceUse(self.model, sources):
+                scan = self.model._scan(prepared, options, step)
         except Exception as error:
             return pack({"error": encode_error(error)})
         if scan is None:
@@ -246,10 +268,11 @@ class ModelWorker:
         return execute(self.model, header, blob, seconds=seconds, on_status=on_status, max_bytes=max_bytes)
 
 
-def encode_scan_request(prepared: Any, options: dict, step: int) -> bytes:
-    """The body of a scan request for one prepared input."""
+def encode_scan_request(prepared: Any, options: dict, step: int, sources: tuple[str, ...] = ()) -> bytes:
+    """The body of a scan request for one prepared input; ``sources``: the modules whose forwards run rewritten
+    (the trace reads their ``.source`` operations, whose shapes the scan then records too)."""
     from .wire import encode_inputs
     tensors = TensorWriter()
     (invoke,) = encode_inputs([prepared], tensors)
-    return pack({"invoke": invoke, "options": serialize.encode_value(options, tensors), "step": step},
-                tensors.blob())
+    return pack({"invoke": invoke, "options": serialize.encode_value(options, tensors), "step": step,
+                 "sources": list(sources)}, tensors.blob())
