@@ -580,15 +580,19 @@ def test_attention_patterns_read_and_edited_remotely_equal_local(remote_lm):
     results = {}
     for name, lm in (("remote", remote_lm), ("local", local)):
         with lm.trace("Hello world, again") as tracer:
+            shape = lm.transformer.h[0].attn.pattern.shape               # known while building, remotely too
             pattern = lm.transformer.h[0].attn.pattern.save()
             lm.transformer.h[1].attn.pattern[:, 1] = 0                   # head 1 of block 1 attends nowhere
             logits = lm.lm_head.output.save()
         with lm.generate("Hello world", max_new_tokens=2) as tracer:
             with tracer.iter[1]:
+                step_shape = lm.transformer.h[1].attn.pattern.shape
                 step = lm.transformer.h[1].attn.pattern.save()
-        results[name] = (pattern.value, logits.value, step.value)
-    (pattern, logits, step), expected = results["remote"], results["local"]
-    assert pattern.shape[1] == 4 and step.shape[-2] == 1
+        results[name] = (pattern.value, logits.value, step.value, shape, step_shape)
+    (pattern, logits, step, shape, step_shape), (*expected, local_shape, local_step_shape) = \
+        results["remote"], results["local"]
+    assert shape == local_shape == pattern.shape and pattern.shape[1] == 4
+    assert step_shape == local_step_shape == step.shape and step.shape[-2] == 1
     for got, want in zip((pattern, logits, step), expected):
         assert torch.equal(got, want)
     with remote_lm.trace("Hello world, again"):

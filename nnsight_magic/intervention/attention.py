@@ -21,8 +21,8 @@ user's line. Nothing runs unless a pattern is read: no hook, no extra computatio
 
 Like every traced value, a pattern has its shape while building (``pattern.shape``; ``pattern[:, 99]`` raises at
 its line before the model runs), computed from the fake scan; at a generation step after the first (a block
-starting there, ``.next()`` twice) its key length grows with the cache, and on a remote model the scan's cache
-stays on the server: there the shape is left unknown.
+starting there, ``.next()`` twice) its key length grows with the cache, and the shape is left unknown (also on
+a remote model whose cache is not a plain ``DynamicCache``: its scan's cache does not travel).
 
 Assigning ``attn.pattern = value``, or editing it in place (``attn.pattern[...] = x``), changes that call of
 that module: its output becomes what eager attention computes with the edited probabilities, ``pattern @ V``
@@ -87,7 +87,7 @@ def cached(inputs: tuple[tuple, dict], layer: int, part: str, rows: slice) -> to
     cache = next((kwargs[name] for name in ("cache", "past_key_values", "past_key_value") if name in kwargs), None)
     if cache is None:
         return None
-    if isinstance(cache, OpaqueValue):  # a remote model's scan: its cache did not travel, so no shape here
+    if isinstance(cache, OpaqueValue):  # a remote model's scan whose cache did not travel: no shape here
         raise NotImplementedError("the key/value cache of a remote model's scan is not known in the notebook")
     cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache: the self-attention part
     layers = getattr(cache, "layers", None)

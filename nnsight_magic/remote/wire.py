@@ -94,7 +94,7 @@ def encode_result(value: Any, tensors: TensorWriter, depth: int = 0) -> Any:
     if isinstance(value, ModuleCache):  # tracer.cache(): path -> output, and .inputs
         return {"cache": encode_result(dict(value), tensors, depth + 1),
                 "inputs": encode_result(value.inputs, tensors, depth + 1)}
-    layers = _dynamic_cache_layers(value)
+    layers = serialize.dynamic_cache_layers(value)
     if layers is not None:  # a key/value cache: its keys and values per layer
         return {"kv_cache": [[encode_value(keys, tensors), encode_value(values, tensors)] for keys, values in layers]}
     if isinstance(value, dict):
@@ -128,38 +128,13 @@ def decode_result(data: Any, tensors: TensorReader, depth: int = 0) -> Any:
         if tag == "opaque":
             return opaque_value(body)
         if tag == "kv_cache" and isinstance(body, list):
-            return _dynamic_cache([decode_value(layer, tensors) for layer in body])
+            return serialize.dynamic_cache([decode_value(layer, tensors) for layer in body])
         if tag == "cache":
             outputs, inputs = (decode_result(part, tensors, depth + 1) for part in (body, data.get("inputs")))
             if not isinstance(outputs, dict) or not isinstance(inputs, dict):
                 raise ValueError("a module cache holds two dicts; refused")
             return ModuleCache(outputs, inputs)
     return decode_value(data, tensors)
-
-
-def _dynamic_cache_layers(value: Any) -> list | None:
-    """``[(keys, values), ...]`` of a Hugging Face ``DynamicCache`` whose every layer is a plain dynamic layer with
-    tensors (what ``generate`` makes by default); ``None`` for anything else (sliding windows, offloading: opaque)."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-    if type(value) is not DynamicCache:
-        return None
-    layers = getattr(value, "layers", None)
-    if not isinstance(layers, list) or not all(
-            type(layer) is DynamicLayer and isinstance(layer.keys, torch.Tensor) and
-            isinstance(layer.values, torch.Tensor) for layer in layers):
-        return None
-    return [(layer.keys, layer.values) for layer in layers]
-
-
-def _dynamic_cache(layers: list) -> Any:
-    """A ``DynamicCache`` holding these ``[keys, values]`` per layer (copies; no code from the wire runs)."""
-    from transformers.cache_utils import DynamicCache
-    cache = DynamicCache()
-    for index, layer in enumerate(layers):
-        if not (isinstance(layer, list) and len(layer) == 2 and all(isinstance(part, torch.Tensor) for part in layer)):
-            raise ValueError("a key/value cache holds [keys, values] tensors per layer; refused")
-        cache.update(layer[0], layer[1], index)
-    return cache
 
 
 def encode_inputs(invokes: list, tensors: TensorWriter) -> list:

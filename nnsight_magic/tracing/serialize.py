@@ -376,6 +376,31 @@ def _jsonable(data: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- fake values
+def dynamic_cache_layers(value: Any) -> list | None:
+    """``[(keys, values), ...]`` of a Hugging Face ``DynamicCache`` whose every layer is a plain dynamic layer with
+    tensors (what ``generate`` makes by default); ``None`` for anything else (sliding windows, offloading: opaque)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+    if type(value) is not DynamicCache:
+        return None
+    layers = getattr(value, "layers", None)
+    if not isinstance(layers, list) or not all(
+            type(layer) is DynamicLayer and isinstance(layer.keys, torch.Tensor) and
+            isinstance(layer.values, torch.Tensor) for layer in layers):
+        return None
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def dynamic_cache(layers: list) -> Any:
+    """A ``DynamicCache`` holding these ``[keys, values]`` per layer (copies; no code from the wire runs)."""
+    from transformers.cache_utils import DynamicCache
+    cache = DynamicCache()
+    for index, layer in enumerate(layers):
+        if not (isinstance(layer, list) and len(layer) == 2 and all(isinstance(part, torch.Tensor) for part in layer)):
+            raise ValueError("a key/value cache holds [keys, values] tensors per layer; refused")
+        cache.update(layer[0], layer[1], index)
+    return cache
+
+
 class FakeEncoder:
     """Describes fake values (shapes, strides, dtypes; which storage each tensor views) as JSON."""
 
@@ -403,6 +428,11 @@ class FakeEncoder:
             if kind is dict:
                 return {"dict": items}
             return {"output": f"{kind.__module__}.{kind.__qualname__}", "items": items}
+        layers = dynamic_cache_layers(value)
+        if layers is not None and all(type(size) is int for pair in layers for part in pair for size in part.shape):
+            # a scan's key/value cache (with concrete sizes): its fake keys and values per layer
+            return {"kv_cache": [[self.encode(keys, depth + 1), self.encode(values, depth + 1)]
+                                 for keys, values in layers]}
         return {"opaque": type(value).__name__}
 
     def _tensor(self, tensor: torch.Tensor) -> list:
@@ -458,6 +488,10 @@ class FakeDecoder:
             return _model_output(body, items)
         if tag == "opaque":
             return opaque_value(body)
+        if tag == "kv_cache" and isinstance(body, list):
+            layers = [self.decode(layer, depth + 1) for layer in body]
+            with self.mode:
+                return dynamic_cache(layers)
         raise ValueError(f"malformed fake value {_short(data)}; refused")
 
     def _tensor(self, body: Any) -> torch.Tensor:
