@@ -379,11 +379,11 @@ def _jsonable(data: Any) -> bool:
 def dynamic_cache_layers(value: Any) -> list | None:
     """``[(keys, values), ...]`` of a Hugging Face ``DynamicCache`` whose every layer is a plain dynamic layer with
     tensors (what ``generate`` makes by default); ``None`` for anything else (sliding windows, offloading: opaque)."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-    if type(value) is not DynamicCache:
+    if type(value).__name__ != "DynamicCache":
         return None
+    from transformers.cache_utils import DynamicCache, DynamicLayer
     layers = getattr(value, "layers", None)
-    if not isinstance(layers, list) or not all(
+    if type(value) is not DynamicCache or not isinstance(layers, list) or not all(
             type(layer) is DynamicLayer and isinstance(layer.keys, torch.Tensor) and
             isinstance(layer.values, torch.Tensor) for layer in layers):
         return None
@@ -391,13 +391,13 @@ def dynamic_cache_layers(value: Any) -> list | None:
 
 
 def dynamic_cache(layers: list) -> Any:
-    """A ``DynamicCache`` holding these ``[keys, values]`` per layer (copies; no code from the wire runs)."""
+    """A ``DynamicCache`` of these ``[keys, values]`` per layer (copies); ``ValueError`` for anything else."""
     from transformers.cache_utils import DynamicCache
     cache = DynamicCache()
     for index, layer in enumerate(layers):
         if not (isinstance(layer, list) and len(layer) == 2 and all(isinstance(part, torch.Tensor) for part in layer)):
             raise ValueError("a key/value cache holds [keys, values] tensors per layer; refused")
-        cache.update(layer[0], layer[1], index)
+        cache.update(*layer, index)
     return cache
 
 
@@ -430,9 +430,7 @@ class FakeEncoder:
             return {"output": f"{kind.__module__}.{kind.__qualname__}", "items": items}
         layers = dynamic_cache_layers(value)
         if layers is not None and all(type(size) is int for pair in layers for part in pair for size in part.shape):
-            # a scan's key/value cache (with concrete sizes): its fake keys and values per layer
-            return {"kv_cache": [[self.encode(keys, depth + 1), self.encode(values, depth + 1)]
-                                 for keys, values in layers]}
+            return {"kv_cache": [self.encode(list(pair), depth + 1) for pair in layers]}  # a scan's cache
         return {"opaque": type(value).__name__}
 
     def _tensor(self, tensor: torch.Tensor) -> list:
@@ -489,9 +487,8 @@ class FakeDecoder:
         if tag == "opaque":
             return opaque_value(body)
         if tag == "kv_cache" and isinstance(body, list):
-            layers = [self.decode(layer, depth + 1) for layer in body]
             with self.mode:
-                return dynamic_cache(layers)
+                return dynamic_cache([self.decode(layer, depth + 1) for layer in body])
         raise ValueError(f"malformed fake value {_short(data)}; refused")
 
     def _tensor(self, body: Any) -> torch.Tensor:
