@@ -674,10 +674,31 @@ def test_source_operations_read_and_edited_remotely_equal_local(remote_lm):
 
 
 def test_source_requests_for_what_the_model_does_not_have_are_refused(remote_lm):
-    with pytest.raises(ValueError, match="no module 'transformer.h.7'"):
+    with pytest.raises(ValueError, match="no module or operation 'transformer.h.7'"):
         remote_lm._connection.call("source", pack({"path": "transformer.h.7"}))
-    with pytest.raises(ValueError, match="not an operation's"):
-        remote_lm._connection.call("source", pack({"path": "transformer.h.0.attn.source.c_attn_1"}))
+    with pytest.raises(ValueError, match="no module or operation 'transformer.h.0.attn.source.nothing_0'"):
+        remote_lm._connection.call("source", pack({"path": "transformer.h.0.attn.source.nothing_0"}))
+    with pytest.raises(TypeError, match="self.c_proj"):                   # SourceUnavailable keeps its type
+        remote_lm._connection.call("source", pack({"path": "transformer.h.0.attn.source.c_proj_0"}))
     with remote_lm.trace("Hello"):                                        # the server still serves
         out = remote_lm.lm_head.output.save()
     assert out.value.shape[:2] == (1, 1)
+
+
+def test_operations_inside_a_called_function_remotely_equal_local(remote_lm):
+    local = LanguageModel(make_tiny_gpt2(), tokenizer=remote_lm.tokenizer)
+    results = {}
+    for name, lm in (("remote", remote_lm), ("local", local)):
+        with lm.trace("Hello world, again"):
+            inner = lm.transformer.h[1].attn.source.attention_interface_0.source   # the sdpa function's operations
+            kernel = inner.scaled_dot_product_attention_0
+            shape = kernel.output.shape
+            mixed = kernel.output.save()
+            kernel.output[:, 0] = 0                                             # head 0 of block 1 adds nothing
+            logits = lm.lm_head.output.save()
+        results[name] = (list(inner), shape, mixed.value, logits.value)
+    (names, shape, mixed, logits), (local_names, local_shape, local_mixed, local_logits) = \
+        results["remote"], results["local"]
+    assert names == local_names and "scaled_dot_product_attention_0" in names
+    assert shape == local_shape == mixed.shape
+    assert torch.equal(mixed, local_mixed) and torch.equal(logits, local_logits)

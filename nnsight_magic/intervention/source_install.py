@@ -20,6 +20,7 @@ scan-cache key that tells scans with operations from scans without.
 from __future__ import annotations
 
 import builtins
+import functools
 import threading
 import types
 import weakref
@@ -50,6 +51,7 @@ class Callee:
     def __init__(self, names: dict):
         self.names = names
         self.function: Any = None
+        self.described: Callable[[], Any] | None = None  # a remote model's call: its server describes the callee
 
     def __deepcopy__(self, memo: dict) -> "Callee":
         return self
@@ -132,8 +134,11 @@ class SourceOperations(torch.nn.Module):
         super().__init__()
         self.rewrite = rewrite
         names = getattr(_innermost(rewrite.function), "__globals__", {})
+        describe_call = getattr(rewrite, "describe_call", None)
         for site in rewrite.sites:
             self.add_module(site.name, Operation(site, names) if site.kind == "call" else AssignedValue(site))
+            if describe_call is not None and site.kind == "call":
+                self._modules[site.name].callee.described = functools.partial(describe_call, site.name)
 
     def call(self, name: str, function: Callable, /, *args: Any, **kwargs: Any) -> Any:
         stack = _functions()
@@ -192,6 +197,12 @@ def operations_of(module: torch.nn.Module) -> SourceOperations:
 
 def _called_operations(operation: Operation) -> SourceOperations:
     """The operations of the function ``operation`` calls (see :class:`Callee` for how it is known)."""
+    if operation.callee.described is not None:  # a remote model's call: as its server describes the function
+        rewrite = operation.callee.described()
+        holder = _holders.get(operation)
+        if holder is None or holder.rewrite is not rewrite:
+            holder = _holders[operation] = SourceOperations(rewrite)
+        return holder
     function = operation.callee.resolved(operation.site.text)
     if function is None:
         raise SourceUnavailable(f"`{operation.site.text}` is only known once the forward calls it: read the "
@@ -227,7 +238,8 @@ class DescribedOperations:
     function = None
     forward = None
 
-    def __init__(self, data: Any):
+    def __init__(self, data: Any, describe_call: Callable[[str], "DescribedOperations"] | None = None):
+        self.describe_call = describe_call  # the description of the function a call site calls, by site name
         try:
             self.qualname, self.filename, self.first_line = str(data["qualname"]), str(data["filename"]), \
                 int(data["first_line"])

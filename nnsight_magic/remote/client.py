@@ -353,6 +353,7 @@ class RemoteModel(NNsight):
             NNsight.__init__(self, module)
         object.__setattr__(self, "_connection", connection)
         object.__setattr__(self, "_module_scans", OrderedDict())
+        object.__setattr__(self, "_sources_described", {})  # module or operation path -> its operations
         for path, child in module.named_modules():
             child.__dict__.update(_remote=self, _path=path)  # plain attributes: the skeleton asks for its shapes
         object.__setattr__(self, "_result_device", device)
@@ -403,9 +404,15 @@ class RemoteModel(NNsight):
         return result
 
     def source_of(self, path: str) -> DescribedOperations:
-        """The operations of the forward of the server's module at ``path``, as the server describes them."""
-        header, _ = self._connection.call("source", pack({"path": path}))
-        return DescribedOperations(header.get("operations"))
+        """The operations of the forward of the server's module at ``path`` (or of the function the call at an
+        operation's path calls), as the server describes them; each asked once."""
+        described = self._sources_described.get(path)
+        if described is None:
+            header, _ = self._connection.call("source", pack({"path": path}))
+            described = DescribedOperations(header.get("operations"),
+                                            lambda name: self.source_of(f"{path}.source.{name}"))
+            self._sources_described[path] = described
+        return described
 
     def _run_elsewhere(self, tracer: Any, bridges: dict | None, keep: frozenset, on_update: Any) -> Any:
         """Run ``tracer`` on the server (``run_trace`` hands remote traces here)."""

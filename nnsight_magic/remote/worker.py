@@ -173,20 +173,25 @@ class ModelWorker:
         return self._on_model_thread(self._module_scan, body)
 
     def source(self, body: bytes) -> bytes:
-        """The operations of one module's forward (``remote.layers[0].attn.source``): names, kinds, lines and the
-        source text, as :func:`~nnsight_magic.intervention.source_install.describe_operations` gives them."""
-        from ..intervention.source_install import describe_operations, operations_of
-        from ..intervention.source_rewrite import SOURCE_KEY, SourceUnavailable
+        """The operations of one module's forward (``remote.layers[0].attn.source``), or of the function a call
+        in a forward calls (``...attn.source.attention_interface_0``: known once a scan or run has called it):
+        names, kinds, lines and the source text, as ``describe_operations`` gives them."""
+        return self._on_model_thread(self._source, body)
+
+    def _source(self, body: bytes) -> bytes:
+        from ..intervention.source_install import SourceUse, describe_operations, operations_of, split_path
+        from ..intervention.source_rewrite import SourceUnavailable
         try:
             header, _ = unpack(body)
             path = header.get("path")
-            if not isinstance(path, str) or SOURCE_KEY in path.split("."):
-                raise ValueError("a source request names one module's path (not an operation's); refused")
+            if not isinstance(path, str):
+                raise ValueError("a source request names a module's or an operation's path; refused")
+            parts = split_path(path)
             try:
-                module = self.model._submodule(path)
+                with SourceUse(self.model, [parts[0]] if parts else []):  # an operation exists while installed
+                    return pack({"operations": describe_operations(operations_of(self.model._submodule(path)))})
             except (KeyError, AttributeError):
-                raise ValueError(f"this model has no module {path!r}; refused") from None
-            return pack({"operations": describe_operations(operations_of(module))})
+                raise ValueError(f"this model has no module or operation {path!r}; refused") from None
         except (ValueError, SourceUnavailable) as error:
             return pack({"error": encode_error(error)})
 
