@@ -301,21 +301,24 @@ class StepSignal(StatusLog):
         self.started.set()
 
 
+def long_generation(lm, signal, failure):
+    """A 100-token generation that tells ``signal`` its steps (for tests that act while it runs); an error it
+    raises goes to ``failure``."""
+    try:
+        with lm.generate("Hello", max_new_tokens=100) as tracer:
+            tracer.observers.append(signal)
+            with tracer.all():
+                lm.transformer.h[0].output.sum()
+    except BaseException as error:
+        failure.append(error)
+
+
 def test_a_killed_model_actor_fails_its_request_clearly_and_restarts(cluster, remote_lm):
     failure: list = []
     signal = StepSignal()
 
-    def long_generation():
-        try:
-            with remote_lm.generate("Hello", max_new_tokens=100) as tracer:
-                tracer.observers.append(signal)
-                with tracer.all():
-                    remote_lm.transformer.h[0].output.sum()
-        except BaseException as error:
-            failure.append(error)
-
     url, pid = direct(remote_lm), ray.get(cluster["gpt2"].worker.pid.remote())
-    thread = threading.Thread(target=long_generation)
+    thread = threading.Thread(target=long_generation, args=(remote_lm, signal, failure))
     thread.start()
     assert signal.started.wait(timeout=60)
     ray.kill(cluster["gpt2"].worker, no_restart=False)
@@ -485,16 +488,7 @@ def test_a_second_client_hears_its_place_in_the_model_actors_queue(cluster, remo
         other.transformer.h[1].output.save()
     signal, failure = StepSignal(), []
 
-    def long_generation():
-        try:
-            with remote_lm.generate("Hello", max_new_tokens=100) as tracer:
-                tracer.observers.append(signal)
-                with tracer.all():
-                    remote_lm.transformer.h[0].output.sum()
-        except BaseException as error:
-            failure.append(error)
-
-    thread = threading.Thread(target=long_generation)
+    thread = threading.Thread(target=long_generation, args=(remote_lm, signal, failure))
     thread.start()
     assert signal.started.wait(timeout=60)
     log = StatusLog()
