@@ -114,7 +114,8 @@ def test_jupyterlab_shows_shapes_then_live_statuses_then_summaries(lab, browser,
         wait_for_statuses(page, ["saved", "freed", "freed", "saved"])
         page.wait_for_function("() => document.querySelector('.nnsight-inspector .header')"
                                ".getAttribute('data-state') === 'done'", timeout=WAIT_MS, polling=100)
-        printed = page.locator(".jp-OutputArea-output", has_text="h ").last
+        # the print cell's own output ("h MIN MEAN MAX"; the inspector's table also reads "h layer1.output")
+        printed = page.locator(".jp-OutputArea-output", has_text=re.compile(r"^h -?\d")).last
         printed.wait_for(timeout=WAIT_MS)
         minimum, mean, maximum = (float(value) for value in printed.inner_text().split()[1:4])
         after = page.evaluate(ROWS_JS)
