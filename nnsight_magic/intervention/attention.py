@@ -298,8 +298,7 @@ class AttentionEnvoy(Envoy):
     def _use_pattern(self, pattern: Any) -> None:
         """This call's output becomes eager attention's output with ``pattern`` (see the module docstring)."""
         tracer, module = self._tracer("set .pattern"), self._module
-        dropout = getattr(module, "attn_dropout", None)
-        rate = dropout.p if isinstance(dropout, torch.nn.Dropout) else float(getattr(module, "attention_dropout", 0))
+        rate = dropout_rate(module)
         if module.training and rate:
             raise RuntimeError(f"{user_line()}: {self._label} is in training mode with attention dropout {rate}; an "
                                "edited pattern is applied without dropout: call `model.eval()` first")
@@ -326,6 +325,12 @@ class AttentionEnvoy(Envoy):
 
     def _bias(self, name: str) -> Any:
         return getattr(self, name).bias if getattr(getattr(self._module, name), "bias", None) is not None else None
+
+
+def dropout_rate(module: torch.nn.Module) -> float:
+    """The attention dropout of a GPT-2-style (``attn_dropout``) or Llama-style (``attention_dropout``) module."""
+    dropout = getattr(module, "attn_dropout", None)
+    return dropout.p if isinstance(dropout, torch.nn.Dropout) else float(getattr(module, "attention_dropout", 0.0))
 
 
 ATTENTION_SETTINGS = ("layer_idx", "num_heads", "scaling", "head_dim", "num_key_value_groups", "is_cross_attention")

@@ -70,16 +70,21 @@ class Callee:
         return value
 
 
+class NoSource:
+    """What an operation remembers of a callee without Python source of its own: a module, or a builtin."""
+
+    def __init__(self, function: Any):
+        self.module = isinstance(function, torch.nn.Module)
+        self.name = type(function).__name__ if self.module else getattr(function, "__qualname__",
+                                                                            type(function).__name__)
+
+
 def _remembered(function: Any) -> Any:
     """What an operation keeps of the function it called: a Python function (a bound method's own function), or
-    else a description, so that nothing it keeps holds a tensor (``hidden.view``) or a module alive."""
+    else a :class:`NoSource`, so that nothing it keeps holds a tensor (``hidden.view``) or a module alive."""
     if isinstance(function, types.MethodType):
         function = function.__func__
-    if isinstance(function, types.FunctionType):
-        return function
-    if isinstance(function, torch.nn.Module):
-        return f"the module {type(function).__name__}"
-    return f"{getattr(function, '__qualname__', type(function).__name__)}, which has no Python source"
+    return function if isinstance(function, types.FunctionType) else NoSource(function)
 
 
 class Operation(torch.nn.Module):
@@ -175,11 +180,7 @@ def operations_of(module: torch.nn.Module) -> SourceOperations:
         return _called_operations(module)
     described = getattr(module, "described_operations", None)
     if described is not None:  # a remote model's module: its server describes the operations
-        rewrite = described()
-        holder = _holders.get(module)
-        if holder is None or holder.rewrite is not rewrite:
-            holder = _holders[module] = SourceOperations(rewrite)
-        return holder
+        return _holder(module, described())
     existing = module._modules.get(SOURCE_KEY)
     if existing is not None and not isinstance(existing, SourceOperations):
         raise SourceUnavailable(f"{type(module).__name__} has a child module named {SOURCE_KEY!r}; its operations "
@@ -188,35 +189,31 @@ def operations_of(module: torch.nn.Module) -> SourceOperations:
         raise SourceUnavailable(f"this {type(module).__name__} has its own `forward` attribute "
                                 f"({module.__dict__['forward']!r}), set by another library; `.source` rewrites the "
                                 "class's forward only")
-    rewrite = ForwardRewrite.of(type(module).forward)
-    holder = _holders.get(module)
-    if holder is None or holder.rewrite is not rewrite:
-        holder = _holders[module] = SourceOperations(rewrite)
-    return holder
+    return _holder(module, ForwardRewrite.of(type(module).forward))
 
 
 def _called_operations(operation: Operation) -> SourceOperations:
     """The operations of the function ``operation`` calls (see :class:`Callee` for how it is known)."""
     if operation.callee.described is not None:  # a remote model's call: as its server describes the function
-        rewrite = operation.callee.described()
-        holder = _holders.get(operation)
-        if holder is None or holder.rewrite is not rewrite:
-            holder = _holders[operation] = SourceOperations(rewrite)
-        return holder
+        return _holder(operation, operation.callee.described())
     function = operation.callee.resolved(operation.site.text)
     if function is None:
         raise SourceUnavailable(f"`{operation.site.text}` is only known once the forward calls it: read the "
                                 "operation's `.source` inside a trace that computes shapes (the default), of an input "
                                 "for which this line runs")
     function = getattr(function, "__func__", function)
-    if isinstance(function, torch.nn.Module) or (isinstance(function, str) and function.startswith("the module")):
+    if isinstance(function, torch.nn.Module) or (isinstance(function, NoSource) and function.module):
         raise SourceUnavailable(f"`{operation.site.text}` is a module: read its own `.source`, or its `.output` here")
-    if isinstance(function, str):
-        raise SourceUnavailable(f"`{operation.site.text}` calls {function}")
-    rewrite = ForwardRewrite.of_function(function)
-    holder = _holders.get(operation)
+    if isinstance(function, NoSource):
+        raise SourceUnavailable(f"`{operation.site.text}` calls {function.name}, which has no Python source")
+    return _holder(operation, ForwardRewrite.of_function(function))
+
+
+def _holder(module: torch.nn.Module, rewrite: Any) -> SourceOperations:
+    """``module``'s operations holder for ``rewrite``: the one made before while the rewrite is the same."""
+    holder = _holders.get(module)
     if holder is None or holder.rewrite is not rewrite:
-        holder = _holders[operation] = SourceOperations(rewrite)
+        holder = _holders[module] = SourceOperations(rewrite)
     return holder
 
 
@@ -277,16 +274,14 @@ _lock = threading.Lock()  # traces of one model built in several threads install
 
 def _install(module: torch.nn.Module) -> None:
     count = _counts.get(module, 0)
-    if count == 0 and isinstance(module, Operation):
-        module._modules[SOURCE_KEY] = operations_of(module)  # its forward calls the function rewritten
-    elif count == 0 and isinstance(operations_of(module).rewrite, DescribedOperations):
-        module._modules[SOURCE_KEY] = operations_of(module)  # a remote model's module: only the paths, here
-    elif count == 0:
+    if count == 0:
         holder = operations_of(module)
-        slot = _slot(module)
-        _previous[module] = (slot, module.__dict__.get(slot))
         module._modules[SOURCE_KEY] = holder
-        module.__dict__[slot] = holder.rewrite.forward.__get__(module, type(module))
+        # an operation calls its function rewritten itself; a remote model's module only needs the paths here
+        if not isinstance(module, Operation) and holder.rewrite.forward is not None:
+            slot = _slot(module)
+            _previous[module] = (slot, module.__dict__.get(slot))
+            module.__dict__[slot] = holder.rewrite.forward.__get__(module, type(module))
     _counts[module] = count + 1
 
 
@@ -298,9 +293,10 @@ def _uninstall(module: torch.nn.Module) -> None:
     _counts.pop(module, None)
     if isinstance(module._modules.get(SOURCE_KEY), SourceOperations):
         del module._modules[SOURCE_KEY]
-    if isinstance(module, Operation):
+    kept = _previous.pop(module, None)
+    if kept is None:  # its forward was never replaced (an operation, a remote model's module)
         return
-    slot, previous = _previous.pop(module, ("forward", None))
+    slot, previous = kept
     if previous is None:
         module.__dict__.pop(slot, None)
     else:

@@ -264,11 +264,9 @@ class _Skeleton(torch.nn.Module):
         return self._leaf_repr or super().__repr__()
 
     def described_operations(self) -> Any:
-        """The operations of the server module's forward (``remote.h[0].attn.source``), asked once."""
-        described = self.__dict__.get("_described")
-        if described is None:
-            described = self.__dict__["_described"] = self.__dict__["_remote"].source_of(self.__dict__["_path"])
-        return described
+        """The operations of the server module's forward (``remote.h[0].attn.source``), as the server describes
+        them (:meth:`RemoteModel.source_of`, asked once)."""
+        return self.__dict__["_remote"].source_of(self.__dict__["_path"])
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """On fake tensors (building a trace: ``lm.lm_head(h)``), the server's fake result; else an error."""

@@ -34,6 +34,14 @@ from .wire import decode_error, decode_inputs, decode_result, encode_error, enco
 REQUEST_VERSION = 1
 
 
+def _travelling_options(options: dict) -> dict:
+    """The run options as they travel: a ``streamer=`` stays here, and the request asks for the tokens instead."""
+    travelling = {key: value for key, value in options.items() if key != "streamer"}
+    if "streamer" in options:
+        travelling["stream"] = True
+    return travelling
+
+
 class ServedTrace:
     """A trace rebuilt on the server: what ``run_trace`` and ``Session.run`` use of a tracer, and nothing more.
 
@@ -147,10 +155,7 @@ def encode_request(tracers: list, bridges: list[dict] | None = None, keep: list[
         traces.append({
             "graph": serialize.dumps(tracer.graph, tensors),
             "invokes": encode_inputs(tracer.invokes, tensors),
-            "options": encode_value({**{key: value for key, value in tracer.run_options.items()
-                                        if key != "streamer"},
-                                     **({"stream": True} if "streamer" in tracer.run_options else {})},
-                                    tensors),  # a streamer stays here (see above)
+            "options": encode_value(_travelling_options(tracer.run_options), tensors),
             "grad": bool(tracer.needs_grad),
             "bridges": [[key[0], key[1], proxy.node.index] for key, proxy in tracer._bridges.items()
                         if proxy.node.index not in given],

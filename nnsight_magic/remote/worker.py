@@ -29,6 +29,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..intervention.attention import ATTENTION_SETTINGS, attention_envoys, dropout_rate
+from ..intervention.source_install import SourceUse, describe_operations, operations_of, split_path
+from ..intervention.source_rewrite import SourceUnavailable
 from ..tracing import serialize
 from ..tracing.serialize import FakeDecoder, FakeEncoder, TensorReader, TensorWriter, decode_value
 from .door import Door, Limits, LocalCalls
@@ -73,13 +76,10 @@ def module_tree(module: torch.nn.Module) -> dict:
 
 def attention_settings(module: torch.nn.Module) -> dict | None:
     """What ``attn.pattern`` reads of an attention module besides its weights (numbers only), or ``None``."""
-    from ..intervention.attention import ATTENTION_SETTINGS, attention_envoys
     if not isinstance(module, tuple(attention_envoys())):
         return None
-    dropout = getattr(module, "attn_dropout", None)
     settings = {name: getattr(module, name) for name in ATTENTION_SETTINGS if hasattr(module, name)}
-    settings["attention_dropout"] = dropout.p if isinstance(dropout, torch.nn.Dropout) else \
-        float(getattr(module, "attention_dropout", 0.0))
+    settings["attention_dropout"] = dropout_rate(module)
     return {name: value for name, value in settings.items() if isinstance(value, (bool, int, float, type(None)))}
 
 
@@ -179,8 +179,6 @@ class ModelWorker:
         return self._on_model_thread(self._source, body)
 
     def _source(self, body: bytes) -> bytes:
-        from ..intervention.source_install import SourceUse, describe_operations, operations_of, split_path
-        from ..intervention.source_rewrite import SourceUnavailable
         try:
             header, _ = unpack(body)
             path = header.get("path")
@@ -226,7 +224,6 @@ class ModelWorker:
                     not all(isinstance(path, str) for path in sources):
                 raise ValueError("a scan request holds options (a dict), a step (an int) and sources (module "
                                  "paths); refused")
-            from ..intervention.source_install import SourceUse
             with SourceUse(self.model, sources):
                 scan = self.model._scan(prepared, options, step)
         except Exception as error:
