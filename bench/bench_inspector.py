@@ -11,7 +11,7 @@ building the widgets, rendering rows, the throttled updates while the model runs
 
 * **tiny**, the worst case for a cost per node: a GPT-2 of 2 blocks × 64 (about 1 ms a step) generates 100 tokens;
   every step appends the argmax of its last logits to a traced list (a value watched per step, 5 nodes per step).
-  ``generate_inspected`` adds ``GraphInspector(tracer)`` (updates at most every 0.1 s); ``generate_unthrottled``
+  ``generate_inspected`` adds ``GraphInspector(tracer)`` (updates at most every 0.25 s); ``generate_unthrottled``
   uses ``update_interval=0``, so every status change is sent: what the throttle saves. ``forward`` /
   ``forward_inspected``: one forward pass of a 12-block GPT-2 × 64 saving every block's output, the inspector's
   fixed cost (widgets, rows, summaries) against a run of a few milliseconds.
@@ -20,10 +20,13 @@ building the widgets, rendering rows, the throttled updates while the model runs
 * **in a real kernel** (the targets; ``python -m bench.bench_inspector --kernel`` runs only this part, about
   2 minutes; ``BENCH_INSPECTOR_ROUNDS=N`` rounds, default 12): ``%%trace`` cells of the embedded model sent to an
   IPython kernel through jupyter_client, as nbclient runs a notebook: a 30-block logit-lens cell (target: the
-  inspector adds at most 10 %) and a 100-step generation that reads only ``tracer.result`` (at most 2 %), each
+  inspector adds at most 10 %) and a 100-step generation that reads only ``tracer.result`` (at most 2 %; the
+  model's ``generation_config.min_new_tokens = 100`` makes it 100 steps: SmolLM2 answers this prompt in 5), each
   with and without ``--no-widget``, in the same kernel, every round in a shuffled order, paired within the round.
   Reported: wall time from request to reply; in the kernel, the time and the process CPU time from ``pre_run_cell``
-  to ``post_run_cell`` (steadier on a loaded machine); the load average; and the iopub messages and bytes of each cell.
+  to ``post_run_cell`` (steadier on a loaded machine); the time spent in the inspector's own code (timed around
+  its entry points, on every thread: what a paired difference cannot resolve when the machine's speed drifts by
+  more than the target within a round); the load average; and the iopub messages and bytes of each cell.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ def notebook_front_end() -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------- cases
 def generate(lm: LanguageModel, prompt: Any, inspect: dict | None) -> list:
-    with lm.generate(prompt, max_new_tokens=NEW_TOKENS) as tracer:
+    # min_new_tokens: SmolLM2 ends its answer to the Eiffel Tower prompt after 5 tokens; the case is 100 steps
+    with lm.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS) as tracer:
         if inspect is not None:
             GraphInspector(tracer, **inspect)
         tokens = tracer.list().save()
@@ -134,7 +138,7 @@ def check_generation(lm: LanguageModel, prompt: Any) -> None:
 
 DESCRIPTIONS = {
     "generate": f"{NEW_TOKENS}-step generation, argmax watched per step",
-    "generate_inspected": "the same, GraphInspector (updates ≤ 10/s)",
+    "generate_inspected": "the same, GraphInspector (updates ≤ 4/s)",
     "generate_unthrottled": "the same, GraphInspector(update_interval=0)",
     "forward": "12-block forward, 12 block outputs saved",
     "forward_inspected": "the same, GraphInspector",
@@ -160,14 +164,41 @@ torch.set_num_threads(1)
 from nnsight_magic import load_embedded_model
 lm = load_embedded_model()
 prompt = "The Eiffel Tower is located in the city of"
+lm.generation_config.min_new_tokens = 100  # else the answer (" Paris, France.") ends the generation at step 5
+import threading as _bench_threading
 import time as _bench_time
+from nnsight_magic.magics.magics import TraceMagics as _BenchMagics
+from nnsight_magic.widgets.inspector import GraphInspector as _BenchInspector, TokenStream as _BenchStream
+from nnsight_magic.widgets.throttle import Throttle as _BenchThrottle
 _bench_cell = None
+_bench_spent = [0.0]  # seconds spent in the inspector's own code during this cell, every thread
+_bench_depth = _bench_threading.local()
+def _bench_timed(owner, name):
+    original = getattr(owner, name)  # a plain function, also for a staticmethod (re-wrapped below)
+    def timed(*args, **kwargs):
+        depth = getattr(_bench_depth, "value", 0)
+        _bench_depth.value = depth + 1
+        start = _bench_time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _bench_depth.value = depth
+            if depth == 0:  # only the outermost call counts (graph_built renders through the throttle)
+                _bench_spent[0] += _bench_time.perf_counter() - start
+    setattr(owner, name, staticmethod(timed) if isinstance(owner.__dict__[name], staticmethod) else timed)
+for _owner, _names in ((_BenchMagics, ("_inspect",)), (_BenchStream, ("put",)), (_BenchThrottle, ("_run",)),
+                       (_BenchInspector, ("graph_built", "node_status", "step_started", "request_status",
+                                          "run_finished"))):
+    for _name in _names:
+        _bench_timed(_owner, _name)
 def _bench_started(info):
     global _bench_start
+    _bench_spent[0] = 0.0
     _bench_start = (_bench_time.perf_counter(), _bench_time.process_time())
 def _bench_ended(result):
     global _bench_cell
-    _bench_cell = (_bench_time.perf_counter() - _bench_start[0], _bench_time.process_time() - _bench_start[1])
+    _bench_cell = (_bench_time.perf_counter() - _bench_start[0], _bench_time.process_time() - _bench_start[1],
+                   _bench_spent[0])
 get_ipython().events.register("pre_run_cell", _bench_started)
 get_ipython().events.register("post_run_cell", _bench_ended)
 """
@@ -182,12 +213,15 @@ ids = tracer.result
 class KernelCell:
     """One cell sent to the kernel: its wall time (request to reply, timed here), the time and the CPU time of the
     kernel process from ``pre_run_cell`` to ``post_run_cell`` (timed in the kernel, by the setup cell's hooks),
+    the time the inspector's own code took in it (``spent``: the setup cell times the magic's ``_inspect``, the
+    inspector's observer methods, its token streamer and its throttled renders, on whichever thread they run),
     and the iopub messages it caused (count and encoded bytes), recorded per run."""
 
     def __init__(self, client: Any, code: str):
         self.client, self.code = client, code
         self.inside: list[float] = []
         self.cpu: list[float] = []
+        self.spent: list[float] = []
         self.messages: list[tuple[int, int]] = []
 
     def __call__(self) -> None:
@@ -200,9 +234,10 @@ class KernelCell:
                                                 user_expressions={"cell": "_bench_cell"})
         if reply["content"]["status"] != "ok":
             raise RuntimeError(f"the cell failed: {reply['content']}")
-        inside, cpu = ast.literal_eval(reply["content"]["user_expressions"]["cell"]["data"]["text/plain"])
+        inside, cpu, spent = ast.literal_eval(reply["content"]["user_expressions"]["cell"]["data"]["text/plain"])
         self.inside.append(inside)
         self.cpu.append(cpu)
+        self.spent.append(spent)
         self.messages.append((sent[0], sent[1]))
 
 
@@ -264,6 +299,13 @@ def kernel_section(rounds: int = 12) -> None:
             rows.append((f"inspector on {case} ({clock})", difference, common.paired_interval(inspected, plain),
                          share * median, what))
             line += f", {100 * difference / median:+.1f} % {clock}"
+        spent = cases[f"{case}_inspected"].spent[1:]
+        own = common.summary(spent)["median_ms"]
+        ordered = sorted(spent)
+        rows.append((f"inspector's own code in {case}", own, None, share * baseline,
+                     f"timed in the kernel around every inspector entry point, median of the rounds (fastest "
+                     f"{1e3 * ordered[0]:.1f}, slowest {1e3 * ordered[-1]:.1f} ms)"))
+        line += f"; its own code {100 * own / baseline:.2f} %"
         shares.append(line)
     print(common.targets_table(rows), "\n")
     print(f"Share of the cell's time: {'; '.join(shares)}.\n")
@@ -284,7 +326,7 @@ def main() -> None:
         runs = tiny_cases()
         tiny = common.interleave(runs, rounds=common.rounds(120), warmup=3)
         counts = message_counts(runs)
-        smollm2 = common.interleave(smollm2_cases(), rounds=common.rounds(30), warmup=1)
+        smollm2 = common.interleave(smollm2_cases(), rounds=common.rounds(8), warmup=1)
     print("### tiny: GPT-2 2 × 64 (generation), 12 × 64 (forward)\n")
     print(common.table(tiny, {"generate_inspected": "generate", "generate_unthrottled": "generate",
                               "forward_inspected": "forward"}, DESCRIPTIONS), "\n")

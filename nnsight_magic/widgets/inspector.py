@@ -145,7 +145,9 @@ class GraphInspector(ipywidgets.VBox):
         error: ``Type: message`` of the error that ended the run, if it failed.
         live: the widget with the header, the progress bar and the table: the part that changes while the model
             runs (one message per update).
-        graph_view: the dependency graph, folded under the table (drawn and sent once, when the run ends).
+        graph_view: the dependency graph, folded under the table: a :class:`~nnsight_magic.widgets.graph_view.
+            GraphView` made when there is a drawing to show (``None`` before: a run's live display has none, and
+            its final static rendering carries the drawing itself).
         viewers: the viewers chosen for saved values whose kind the graph tells, shown under the inspector after
             a run that finished (:mod:`~nnsight_magic.widgets.viewer_choice`).
     """
@@ -154,9 +156,8 @@ class GraphInspector(ipywidgets.VBox):
                  memory_warning: int | None = None):
         look = shared_look()
         self.live = LiveTable(layout=look["layout"])
-        self.graph_view = GraphView(folded=True, **look)
-        super().__init__(children=(self.live, self.graph_view), layout=look["layout"])
-        self.add_class("nnsight-inspector")
+        self.graph_view: GraphView | None = None
+        super().__init__(children=(self.live,), layout=look["layout"], _dom_classes=("nnsight-inspector",))
         self.title = title
         self.state = "building"
         self.step: int | None = None
@@ -357,7 +358,7 @@ class GraphInspector(ipywidgets.VBox):
             self._graph = graph  # drawn when the run ends (one message then, none while the model runs)
         else:
             self._graph_html = graph_drawing(graph, folded=True)
-            self.graph_view.value = self._graph_html
+            self._show_graph()
 
     def _begin_run(self) -> None:
         """A recorded trace starts running (its session runs)."""
@@ -384,7 +385,15 @@ class GraphInspector(ipywidgets.VBox):
         display is not replaced): the whole table, and the graph drawing."""
         if self.live.stale:
             self._send_table()
-        if self._graph_html and self.graph_view.value != self._graph_html:
+        if self._graph_html:
+            self._show_graph()
+
+    def _show_graph(self) -> None:
+        """Put the graph's drawing under the table, making the graph view the first time."""
+        if self.graph_view is None:
+            self.graph_view = GraphView(folded=True, value=self._graph_html, **shared_look())
+            self.children = (self.live, self.graph_view)
+        elif self.graph_view.value != self._graph_html:
             self.graph_view.value = self._graph_html
 
     def _top_html(self) -> str:

@@ -22,6 +22,7 @@ import ast
 import builtins
 import operator
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,13 +77,24 @@ class LineGroup:
 
 
 def node_labels(graph: Graph) -> Labels:
-    """Names and expressions of every node of ``graph`` (see the module docstring)."""
+    """Names and expressions of every node of ``graph`` (see the module docstring).
+
+    Made once per graph and number of nodes (a graph only grows, and a node never changes what it reads), so the
+    inspector's table and its drawing of the graph share them.
+    """
     nodes = graph.nodes
+    made = _MADE.get(graph)
+    if made is not None and made[0] == len(nodes):
+        return made[1]
     names = bound_names(graph)
     labels = Labels(names, [""] * len(nodes))
     for node in nodes:  # creation order: every argument is labelled before its readers
         labels.expressions[node.index] = expression(node, labels)
+    _MADE[graph] = (len(nodes), labels)
     return labels
+
+
+_MADE: "weakref.WeakKeyDictionary[Graph, tuple[int, Labels]]" = weakref.WeakKeyDictionary()
 
 
 def bound_names(graph: Graph) -> list[str]:

@@ -74,8 +74,7 @@ class SessionView(ipywidgets.HTML):
     """
 
     def __init__(self, session: Any):
-        super().__init__()
-        self.add_class("nnsight-inspector")
+        super().__init__(_dom_classes=("nnsight-inspector",))
         self.status = ""
         self.cells: list[CellRow] = []
         session.add_listener(self.refresh)

@@ -58,7 +58,8 @@ def choose_viewers(tracer: Any, values: list[Any]) -> list[ChosenViewer]:
     tokens, decode = prompt_tokens(tracer)
     chosen: list[ChosenViewer] = []
     shown: set[int] = set()
-    unembedding = _unembedding_path(tracer.model)
+    unembedding = _unembedding_path(tracer.model) if any(_is_softmax(node) or node.target is torch.stack
+                                                         for node in saved) else None
     if unembedding is not None:
         for nodes, stacked in _lenses(graph, saved, unembedding):
             probabilities = values[nodes[0]] if stacked else torch.stack([values[index] for index in nodes])
@@ -99,7 +100,8 @@ def prompt_tokens(tracer: Any) -> tuple[list[int] | None, Callable[[int], str] |
 
 
 def _unembedding_path(model: Any) -> str | None:
-    """The module path of the model's unembedding (``lm_head``), if the model names one."""
+    """The module path of the model's unembedding (``lm_head``), if the model names one (a walk of the module
+    tree: asked only when a saved value could be a lens row)."""
     module = getattr(model, "_module", None)
     get = getattr(module, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -126,14 +128,17 @@ def _lenses(graph: Graph, saved: list[Node], unembedding: str) -> list[tuple[lis
     return lenses
 
 
+def _is_softmax(node: Node) -> bool:
+    """``x.softmax(...)``, ``torch.softmax(x, ...)`` or ``F.softmax(x, ...)``."""
+    return (node.op == "call_method" and node.target == "softmax") or \
+        (node.op == "call_function" and node.target in _SOFTMAX and bool(node.args))
+
+
 def _lens_row(node: Node, unembedding: str) -> bool:
     """``softmax(-1)`` of the unembedding called inside the trace (through indexing: ``lm_head(h)[0, -1]``)."""
-    if node.op == "call_method" and node.target == "softmax":
-        source, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    elif node.op == "call_function" and node.target in _SOFTMAX and node.args:
-        source, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    else:
+    if not _is_softmax(node):
         return False
+    source, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     fake = node.fake
     if dim != -1 and not (isinstance(fake, torch.Tensor) and dim == fake.dim() - 1):
         return False
