@@ -12,6 +12,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from language_fixtures import GPT2_VOCAB, encode, hook_count
 from magic_shell import ip, ok  # noqa: F401  (the IPython shell fixture)
 from nnsight_magic import LanguageModel, NNsight
+from nnsight_magic.intervention.source_install import plain_function
 from nnsight_magic.intervention.source_rewrite import ForwardRewrite
 from nnsight_magic.widgets.labels import node_labels
 
@@ -401,3 +402,18 @@ def test_a_call_without_python_source_or_not_yet_known_says_so_at_the_line(gpt2_
     expected = causal_probabilities(query.value, key.value) @ value.value
     assert mixed.value.shape == (1, attn._module.num_heads, 7, attn._module.head_dim)
     assert torch.allclose(mixed.value, expected, atol=1e-6)
+
+
+def test_a_function_the_kernels_library_made_a_module_is_read_as_that_function():
+    kernels = pytest.importorskip("kernels", reason="the kernels library (a dependency of transformers >= 5.25) "
+                                                    "is not installed")
+
+    def scaled_sum(x, y):
+        scaled = x * 2
+        return scaled + y
+
+    as_module = kernels.use_kernel_forward_from_hub("ScaledSum")(scaled_sum)   # what transformers does to helpers
+    assert isinstance(as_module, torch.nn.Module) and plain_function(as_module) is scaled_sum
+    assert plain_function(scaled_sum) is scaled_sum
+    linear = torch.nn.Linear(2, 2)
+    assert plain_function(linear) is linear                                    # any other module stays a module

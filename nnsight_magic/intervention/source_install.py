@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import inspect
 import threading
 import types
 import weakref
@@ -79,11 +80,32 @@ class NoSource:
                                                                             type(function).__name__)
 
 
+def plain_function(callee: Any) -> Any:
+    """``callee``, or the plain function behind it when it is a function that the ``kernels`` library turned into a
+    module (``@use_kernel_forward_from_hub`` on a function, as transformers ≥ 5.25 does to Llama's
+    ``apply_rotary_pos_emb``): such a module's forward only calls that function (or a kernel that replaces it),
+    so its operations are the function's. A traced read inside it runs the function itself, rewritten, not a
+    kernel.
+
+    In [1]: plain_function(transformers.models.llama.modeling_llama.apply_rotary_pos_emb)
+    Out[1]: <function apply_rotary_pos_emb at 0x...>
+    """
+    if not isinstance(callee, torch.nn.Module):
+        return callee
+    forward = type(callee).forward
+    if not getattr(forward, "__module__", "").startswith("kernels.") or "func" not in forward.__code__.co_freevars:
+        return callee
+    function = inspect.getclosurevars(forward).nonlocals.get("func")
+    return function if isinstance(function, types.FunctionType) else callee
+
+
 def _remembered(function: Any) -> Any:
-    """What an operation keeps of the function it called: a Python function (a bound method's own function), or
-    else a :class:`NoSource`, so that nothing it keeps holds a tensor (``hidden.view``) or a module alive."""
+    """What an operation keeps of the function it called: a Python function (a bound method's own function, the
+    function behind a :func:`plain_function` module), or else a :class:`NoSource`, so that nothing it keeps holds
+    a tensor (``hidden.view``) or a module alive."""
     if isinstance(function, types.MethodType):
         function = function.__func__
+    function = plain_function(function)
     return function if isinstance(function, types.FunctionType) else NoSource(function)
 
 
@@ -103,7 +125,7 @@ class Operation(torch.nn.Module):
         function = _functions()[-1]  # read before anything else runs: nested calls push their own
         self.callee.function = _remembered(function)
         inner = self._modules.get(SOURCE_KEY)
-        if inner is None or inner.rewrite.function is not getattr(function, "__func__", function):
+        if inner is None or inner.rewrite.function is not plain_function(getattr(function, "__func__", function)):
             return function(*args, **kwargs)
         if hasattr(function, "__func__"):  # a bound method: its object is the first argument
             args = (function.__self__, *args)
@@ -201,7 +223,7 @@ def _called_operations(operation: Operation) -> SourceOperations:
         raise SourceUnavailable(f"`{operation.site.text}` is only known once the forward calls it: read the "
                                 "operation's `.source` inside a trace that computes shapes (the default), of an input "
                                 "for which this line runs")
-    function = getattr(function, "__func__", function)
+    function = plain_function(getattr(function, "__func__", function))
     if isinstance(function, torch.nn.Module) or (isinstance(function, NoSource) and function.module):
         raise SourceUnavailable(f"`{operation.site.text}` is a module: read its own `.source`, or its `.output` here")
     if isinstance(function, NoSource):
