@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import builtins
 import functools
-import inspect
 import threading
 import types
 import weakref
@@ -93,9 +92,10 @@ def plain_function(callee: Any) -> Any:
     if not isinstance(callee, torch.nn.Module):
         return callee
     forward = type(callee).forward
-    if not getattr(forward, "__module__", "").startswith("kernels.") or "func" not in forward.__code__.co_freevars:
+    names = getattr(getattr(forward, "__code__", None), "co_freevars", ())
+    if not getattr(forward, "__module__", "").startswith("kernels.") or "func" not in names:
         return callee
-    function = inspect.getclosurevars(forward).nonlocals.get("func")
+    function = forward.__closure__[names.index("func")].cell_contents  # the function its forward calls
     return function if isinstance(function, types.FunctionType) else callee
 
 
@@ -125,7 +125,7 @@ class Operation(torch.nn.Module):
         function = _functions()[-1]  # read before anything else runs: nested calls push their own
         self.callee.function = _remembered(function)
         inner = self._modules.get(SOURCE_KEY)
-        if inner is None or inner.rewrite.function is not plain_function(getattr(function, "__func__", function)):
+        if inner is None or inner.rewrite.function is not self.callee.function:
             return function(*args, **kwargs)
         if hasattr(function, "__func__"):  # a bound method: its object is the first argument
             args = (function.__self__, *args)
