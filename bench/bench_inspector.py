@@ -244,10 +244,13 @@ class KernelCell:
 def kernel_cases(client: Any) -> dict[str, KernelCell]:
     """Cells of the embedded model run in a real IPython kernel (jupyter_client, no browser, as nbclient runs a
     notebook): the widget's messages are built, encoded and sent over ZeroMQ; timed from request to reply."""
-    return {"lens_30_layers": KernelCell(client, LENS_CELL.format(flag=" --no-widget")),
-            "lens_30_layers_inspected": KernelCell(client, LENS_CELL.format(flag="")),
-            "generate_100": KernelCell(client, GENERATE_CELL.format(flag=" --no-widget")),
-            "generate_100_inspected": KernelCell(client, GENERATE_CELL.format(flag=""))}
+    return {name: KernelCell(client, code) for name, code in KERNEL_CELLS.items()}
+
+
+KERNEL_CELLS = {"lens_30_layers": LENS_CELL.format(flag=" --no-widget"),
+                "lens_30_layers_inspected": LENS_CELL.format(flag=""),
+                "generate_100": GENERATE_CELL.format(flag=" --no-widget"),
+                "generate_100_inspected": GENERATE_CELL.format(flag="")}
 
 
 KERNEL_DESCRIPTIONS = {

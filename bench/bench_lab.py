@@ -23,15 +23,12 @@ import time
 from pathlib import Path
 
 from bench import common
-from bench.bench_inspector import GENERATE_CELL, KERNEL_DESCRIPTIONS, KERNEL_SETUP, KERNEL_TARGETS, LENS_CELL
+from bench.bench_inspector import KERNEL_CELLS, KERNEL_DESCRIPTIONS, KERNEL_SETUP, KERNEL_TARGETS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from lab_harness import CHROMIUM, KERNEL_READY_JS, RUN_ALL_JS, JupyterLab, launch_chromium, write_notebook  # noqa: E402
 
-CELLS = {"lens_30_layers": LENS_CELL.format(flag=" --no-widget"), "lens_30_layers_inspected": LENS_CELL.format(flag=""),
-         "generate_100": GENERATE_CELL.format(flag=" --no-widget"),
-         "generate_100_inspected": GENERATE_CELL.format(flag="")}
 RECORD = """_bench_times = []
 def _bench_record(result):
     _bench_times.append([result.info.raw_cell, *_bench_cell])
@@ -49,10 +46,10 @@ def notebook_cells(rounds: int, results: Path) -> tuple[list[str], list[str]]:
     order = random.Random(0)
     cases: list[str] = []
     for _ in range(rounds + 1):
-        names = list(CELLS)
+        names = list(KERNEL_CELLS)
         order.shuffle(names)
         cases.extend(names)
-    return [KERNEL_SETUP, RECORD] + [CELLS[name] for name in cases] + [DUMP.format(path=str(results))], cases
+    return [KERNEL_SETUP, RECORD] + [KERNEL_CELLS[name] for name in cases] + [DUMP.format(path=str(results))], cases
 
 
 def run_notebook(rounds: int) -> list[tuple[str, float, float, float]]:
@@ -80,8 +77,8 @@ def run_notebook(rounds: int) -> list[tuple[str, float, float, float]]:
                 time.sleep(0.5)  # the file is written in one call; let it close
             finally:
                 browser.close()
-        recorded = [entry for entry in json.loads(results.read_text()) if entry[0] in CELLS.values()]
-    if [entry[0] for entry in recorded] != [CELLS[name] for name in cases]:
+        recorded = [entry for entry in json.loads(results.read_text()) if entry[0] in KERNEL_CELLS.values()]
+    if [entry[0] for entry in recorded] != [KERNEL_CELLS[name] for name in cases]:
         raise RuntimeError("the notebook's timed cells did not all run, or not in order (a cell failed?)")
     return [(case, wall, cpu, spent) for case, (_, wall, cpu, spent) in zip(cases, recorded)]
 
@@ -93,8 +90,8 @@ def main() -> None:
         return
     rounds = int(os.environ.get("BENCH_LAB_ROUNDS", common.rounds(4)))
     load_before = os.getloadavg()
-    measured = run_notebook(rounds)[len(CELLS):]  # the warm-up round left out
-    by_case: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": [], "spent": []} for name in CELLS}
+    measured = run_notebook(rounds)[len(KERNEL_CELLS):]  # the warm-up round left out
+    by_case: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": [], "spent": []} for name in KERNEL_CELLS}
     for case, wall, cpu, spent in measured:
         for clock, value in (("wall", wall), ("cpu", cpu), ("spent", spent)):
             by_case[case][clock].append(value)
