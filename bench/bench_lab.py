@@ -8,8 +8,8 @@ receives every message, renders the widgets and the static tables, and runs on t
 this is the cost a student sees. The kernel times each cell (``pre_run_cell`` to ``post_run_cell``) and the
 inspector's own code in it, and writes the times to a file that this module reads when the notebook is done.
 
-``BENCH_LAB_ROUNDS=N`` sets the rounds (default 4, 3 with ``--quick``). It needs Debian's ``chromium`` and Playwright, as the browser
-tests do; without them it says so and measures nothing.
+``BENCH_LAB_ROUNDS=N`` sets the rounds (default 4, 3 with ``--quick``). It needs Debian's ``chromium`` and
+Playwright, as the browser tests do; without them it says so and measures nothing.
 """
 
 from __future__ import annotations
