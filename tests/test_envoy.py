@@ -166,3 +166,33 @@ def test_attaching_a_module_through_the_envoy_sets_it_on_the_model(stack):
     probe = torch.nn.Linear(6, 1)
     net.probe = probe
     assert stack.probe is probe and net.probe._module is probe
+
+
+def test_a_child_read_once_is_the_same_envoy_and_follows_a_replacement_through_the_envoy(stack):
+    net = NNsight(stack)
+    head = net.head
+    assert net.head is head and net.__dict__["head"] is head  # cached on the root too: a plain attribute read
+    replacement = torch.nn.Linear(6, 3)
+    net.head = replacement
+    assert stack.head is replacement and net.head._module is replacement and net.head is not head
+    x = torch.rand(2, 6)
+    with net.trace(x):
+        out = net.head.output.save()
+    with torch.no_grad():
+        assert torch.equal(out.value, stack(x))
+
+
+def test_an_edited_copy_has_child_envoys_of_its_own(stack):
+    net = NNsight(stack)
+    original_head = net.head  # read before the copy exists: the copy must not inherit it
+    x = torch.rand(2, 6)
+    with net.edit() as edited:
+        edited.head.output[:] = 0
+    assert edited.head is not original_head and edited.head._root is edited and net.head is original_head
+    with edited.trace(x):
+        out = edited.output.save()
+    with net.trace(x):
+        plain = net.output.save()
+    with torch.no_grad():
+        assert torch.equal(out.value, torch.zeros(2, 3)) and torch.equal(plain.value, stack(x))
+    assert hook_count(stack) == 0

@@ -154,9 +154,8 @@ class Envoy:
             envoy_class = next((classes[kind] for kind in type(module).__mro__ if kind in classes), Envoy)
             child = envoy_class(module, path, self._root)
             self._children[name] = child
-            if self._root is not self and not name.startswith("_") and not hasattr(type(self), name):
-                # later `envoy.name` reads are plain attribute hits (not on the root, whose copies share its dict)
-                object.__setattr__(self, name, child)
+            if not name.startswith("_") and not hasattr(type(self), name) and name not in self.__dict__:
+                object.__setattr__(self, name, child)  # later `envoy.name` reads are plain attribute hits
         return child
 
     def __getattr__(self, name: str) -> Any:

@@ -14,7 +14,7 @@ Calls are counted per module, and per generation step when the graph has iterati
 
 Where nothing would run after it, a module's hooks run from a wrapper of its ``forward`` set on the module for the
 run (no torch hook path, about 9 µs less per hooked module); a module with forward hooks of its own, a replaced
-``forward``, a ``.skip()`` or global forward hooks gets torch hooks, registered last (see ``_wrappable``).
+``forward``, a ``.skip()`` or global forward hooks gets torch hooks, registered last (see ``Interleaver.__enter__``).
 
 The hooks act only in the thread that entered the interleaver: a forward pass of the same model in another
 thread (a plain call, or another thread's trace with hooks of its own) passes through them untouched.
@@ -187,27 +187,21 @@ class Interleaver:
         on exit) instead of registering torch hooks.
 
         The wrapper is called where torch calls ``forward``, after the module's pre-hooks and before its forward
-        hooks, so it sees what a hook registered last would see only when the module has no forward hooks: see
-        :func:`_wrappable`. It saves torch's hook path (a handle made and removed, and the slow ``_call_impl``
-        branch), which is most of what one more saved module output costs. A call of ``module.forward`` that
+        hooks, so it sees what a hook registered last would see only when the module has no forward hooks (what
+        :meth:`__enter__` checks; a plain ``.save()`` gets :meth:`_storing_forward` instead). It saves torch's
+        hook path (a handle made and removed, and the slow ``_call_impl`` branch), which is most of what one more
+        saved module output costs. A call of ``module.forward`` that
         bypasses ``module(...)`` happens only from ``apply_module`` nodes, which pause the interleaver.
         """
         forward = module.forward
         input_hook = self._input_hook(inputs) if inputs else None
-        output_hook = None
-        if outputs:
-            store = self._only_stored(outputs)
-            if store is not None and input_hook is None:
-                wrapper = self._storing_forward(forward, *store)
-            else:
-                output_hook = self._output_hook(outputs)
-                wrapper = None
-        if input_hook is None and output_hook is not None:
+        output_hook = self._output_hook(outputs) if outputs else None
+        if input_hook is None:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 output = forward(*args, **kwargs)
                 replacement = output_hook(module, args, output)
                 return output if replacement is None else replacement
-        elif input_hook is not None:
+        else:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 replaced = input_hook(module, args, kwargs)
                 if replaced is not None:
@@ -278,8 +272,16 @@ class Interleaver:
                     for points in table.values():
                         if len(points) > 1:
                             points.sort(key=lambda point: point.index)
-                if module is not root and path not in skipped and not global_hooks and _wrappable(module):
-                    self._wrap_forward(module, inputs, outputs)
+                if module is not root and path not in skipped and not global_hooks and not module._forward_hooks \
+                        and "forward" not in module.__dict__ and not isinstance(module, torch.jit.ScriptModule):
+                    # wrappable: no forward hook of its own (nor a global one) would run after a wrapper of its
+                    # `forward`, and no one else has replaced that `forward` (see _wrap_forward)
+                    store = None if inputs else self._only_stored(outputs)
+                    if store is not None:  # a plain `.save()`: the cheapest wrapper, the most common case
+                        module.__dict__["forward"] = self._storing_forward(module.forward, *store)
+                        self.wrapped.append(module)
+                    else:
+                        self._wrap_forward(module, inputs, outputs)
                     continue
                 input_hook = self._input_hook(inputs) if inputs else None
                 output_hook = self._output_hook(outputs) if outputs else None
@@ -360,6 +362,7 @@ class Interleaver:
                     store(index, output)
                 calls += 1
             return output
+        storing.__wrapped__ = forward
         return storing
 
     def _only_stored(self, table: dict[int, list[EntryPoint]]) -> tuple[int, int] | None:
@@ -481,14 +484,6 @@ def _module_at(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str |
         if getattr(module, "_compiled_call_impl", None) is not None:
             return module, ".".join(names[:depth + 1])
     return module, None
-
-
-def _wrappable(module: torch.nn.Module) -> bool:
-    """Whether a wrapper of ``module.forward`` behaves exactly like hooks registered last (see
-    :meth:`Interleaver._wrap_forward`): no forward hooks of its own would run after it (nor global ones: see
-    :func:`_global_forward_hooks`), and no one else has replaced its ``forward``."""
-    return not module._forward_hooks and "forward" not in module.__dict__ \
-        and not isinstance(module, torch.jit.ScriptModule)
 
 
 def _global_forward_hooks() -> bool:

@@ -270,7 +270,7 @@ class Tracer:
                 use_source(self, path)
             op = "module_output" if kind == "output" else "module_inputs"
             meta = {"call": call, "step": step or 0, "invoke": invoke}
-            first_step = self.first_step(key)
+            first_step = step if section is None else self.graph.sections[section].steps.first  # first_step(key)
             entry = self.create_proxy(op, path, (), {}, meta=meta,
                                       fake=self._entry_fake(op, path, call, invoke, first_step) if self.validate
                                       else None)
@@ -341,9 +341,6 @@ class Tracer:
                 "merge", None, (condition, then.get(key, base), otherwise.get(key, base)), {})
 
     # ------------------------------------------------------------------------------------------- proxies
-    def save(self, proxy: Proxy) -> None:
-        (proxy._node or proxy.node).saved = True  # an attribute proxy makes its node on first use
-
     def call_method(self, proxy: Proxy, name: str, args: tuple, kwargs: dict,
                     location: tuple[str, int] | None = None) -> Proxy:
         """``proxy.name(*args, **kwargs)``; ``.backward()`` also numbers the backward pass for ``.grad``."""

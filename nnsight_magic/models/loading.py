@@ -105,6 +105,7 @@ def move_envoys(root: Envoy, module: torch.nn.Module) -> None:
                 pending.append((child, target._modules[name]))
             else:
                 del envoy._children[name]
+                envoy.__dict__.pop(name, None)  # its cached attribute (see Envoy._child)
 
 
 def _empty_weights() -> Any:

@@ -136,7 +136,8 @@ class NNsight(Envoy):
 
     def _edited_copy(self) -> "NNsight":
         clone = object.__new__(type(self))
-        clone.__dict__.update(self.__dict__)
+        # the copy's child Envoys are its own (made on first read), not this model's, whose root is this model
+        clone.__dict__.update({name: value for name, value in self.__dict__.items() if not isinstance(value, Envoy)})
         object.__setattr__(clone, "_children", {})
         object.__setattr__(clone, "_root", clone)
         object.__setattr__(clone, "_open_tracers", threading.local())

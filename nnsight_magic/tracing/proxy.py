@@ -65,9 +65,9 @@ class Proxy:
     __slots__ = ("_node", "_tracer", "_value", "_error", "__weakref__")
 
     def __init__(self, node: Node, tracer: Any):
-        object.__setattr__(self, "_node", node)
-        object.__setattr__(self, "_tracer", tracer)
-        object.__setattr__(self, "_value", _NOT_SET)
+        _set_node(self, node)  # the slots' own setters: `Proxy.__setattr__` refuses every name
+        _set_tracer(self, tracer)
+        _set_value(self, _NOT_SET)
 
     # ------------------------------------------------------------------------------------ the public surface
     @_surfacing
@@ -80,12 +80,17 @@ class Proxy:
 
     def save(self) -> "Proxy":
         """Keep this value after the run (zero-copy: the very tensor the model produced). Returns ``self``."""
-        self._builder("save").save(self)
+        if self._tracer is None:
+            self._builder("save")  # raises: the trace has run
+        (self._node or self.node).saved = True  # an attribute proxy makes its node on first use
         return self
 
-    @_surfacing
+    @property
     def value(self) -> Any:
-        """The real value after the run; a clear error before it, or for a value that was not saved."""
+        """The real value after the run; a clear error before it, or for a value that was not saved.
+
+        A plain property: it raises only ``ValueError``, never the ``AttributeError`` that ``_surfacing`` is for.
+        """
         if self._value is not _NOT_SET:
             return self._value
         node = self.node
@@ -221,6 +226,9 @@ class Proxy:
 
     def __format__(self, spec: str) -> str:
         return repr(self)
+
+
+_set_node, _set_tracer, _set_value = Proxy._node.__set__, Proxy._tracer.__set__, Proxy._value.__set__
 
 
 class Attribute(Proxy):
