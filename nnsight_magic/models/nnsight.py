@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 from ..errors import warn_at_user_line
 from ..intervention.batching import batch_size_of, concatenate_batches
@@ -158,7 +159,13 @@ class NNsight(Envoy):
 
     # ------------------------------------------------------------------------- inputs, batching, running
     def _prepare_input(self, *inputs: Any, **kwargs: Any) -> PreparedInput:
-        """One invoke's input as the model takes it."""
+        """One invoke's input as the model takes it: on a model on a GPU, tensors made on the CPU move to the
+        model's device (``net.trace(torch.rand(3, 5))`` on a model moved with ``.to("cuda")``); tensors already on an
+        accelerator stay where they are."""
+        parameter = self._first_parameter()
+        if parameter is not None and parameter.device.type not in ("cpu", "meta"):
+            inputs, kwargs = tree_map_only(torch.Tensor, lambda tensor: tensor.to(parameter.device)
+                                           if tensor.device.type == "cpu" else tensor, (inputs, kwargs))
         return PreparedInput(tuple(inputs), dict(kwargs), batch_size_of((inputs, kwargs)))
 
     def _batch_inputs(self, prepared: list[PreparedInput]) -> tuple[PreparedInput, list[tuple[int, int]]]:

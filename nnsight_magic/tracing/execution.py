@@ -29,7 +29,7 @@ import torch
 
 from ..errors import annotate
 from .graph import Graph
-from .interpreter import Interpreter
+from .interpreter import Interpreter, move_to_accelerator
 from .node import ENTRY_OPS, Node, map_nodes
 
 PENDING, DONE, FREED, SKIPPED = 0, 1, 2, 3
@@ -193,7 +193,7 @@ class Execution(Interpreter):
             if kwargs:
                 kwargs = map_nodes(lambda dependency: resolve(dependency, node), kwargs)
             if self.align_devices:
-                args, kwargs = _align_devices(args, kwargs)
+                args, kwargs = move_to_accelerator(args, kwargs)
         try:
             value = self.run_node(node, args, kwargs)
         except EarlyStop:
@@ -351,17 +351,3 @@ class Execution(Interpreter):
 
     def stop(self, node: Node, args: tuple, kwargs: dict) -> None:
         raise EarlyStop()
-
-
-def _align_devices(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Move CPU tensors to the accelerator the other tensors of the same call live on."""
-    devices = {value.device for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)}
-    accelerators = [device for device in devices if device.type != "cpu"]
-    if not accelerators or len(devices) < 2:
-        return args, kwargs
-    target = accelerators[0]
-
-    def move(value: Any) -> Any:
-        return value.to(target) if isinstance(value, torch.Tensor) and value.device.type == "cpu" else value
-
-    return tuple(move(value) for value in args), {key: move(value) for key, value in kwargs.items()}

@@ -57,3 +57,24 @@ class Interpreter:
         if self.root is None:
             raise RuntimeError("this graph calls a module but was given no model to run against")
         return self.root.get_submodule(path) if path else self.root
+
+
+def move_to_accelerator(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Move CPU tensors in one call's arguments to the accelerator its other tensors live on (a replacement made with
+    ``torch.ones(3)`` for a value of a model on a GPU); arguments on one device are returned as they are.
+
+    In [1]: move_to_accelerator((gpu_value, torch.ones(3)), {})[0][1].device
+    Out[1]: device(type='cuda', index=0)
+    """
+    devices = {value.device for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)}
+    if len(devices) < 2:
+        return args, kwargs
+    accelerators = [device for device in devices if device.type != "cpu"]
+    if not accelerators:
+        return args, kwargs
+    target = accelerators[0]
+
+    def move(value: Any) -> Any:
+        return value.to(target) if isinstance(value, torch.Tensor) and value.device.type == "cpu" else value
+
+    return tuple(move(value) for value in args), {key: move(value) for key, value in kwargs.items()}

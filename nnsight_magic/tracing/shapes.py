@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import annotate
 from .graph import written_node
-from .interpreter import Interpreter
+from .interpreter import Interpreter, move_to_accelerator
 from .node import Node, map_nodes
 from .replay import CallReplay
 from .twin import TwinFailed, fake_twin
@@ -325,6 +325,7 @@ class ShapeInference(Interpreter):
         try:
             with self.fake_mode, quiet_fake_errors(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                args, kwargs = move_to_accelerator(args, kwargs)  # as the run does (tracing/execution.py)
                 fake = self.run_node(node, args, kwargs)
         except _FAKE_LIMITATIONS:
             fake = None

@@ -22,6 +22,7 @@ batch of three use two scans; every length of two tokens or more uses the same o
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import sympy
@@ -29,11 +30,22 @@ import torch
 from torch._subclasses import fake_tensor
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from .shapes import ModuleScan, ScanFailed, shared_fake_mode
 
 Roles = dict[str, tuple[int, ...]]  # keyword argument -> its dims that are symbolic (dim i has role i)
+
+
+def _symbolic_attention(kwargs: dict) -> Any:
+    """On a GPU, ``scaled_dot_product_attention`` limited to its math kernel for the scan: the fused CUDA kernels'
+    shape rules need concrete sizes (``SymIntArrayRef expected to contain only concrete integers``), the math
+    kernel's do not, and every kernel gives an output of the same shape. A fake scan computes no numbers, so the
+    choice changes nothing else; on the CPU the default kernels already take symbolic sizes."""
+    if any(isinstance(value, torch.Tensor) and value.device.type not in ("cpu", "meta") for value in kwargs.values()):
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 def _size(tensor: torch.Tensor, dim: int) -> int:
@@ -76,9 +88,10 @@ class SymbolicScan:
                 value = kwargs.get(name)
                 if isinstance(value, torch.Tensor):
                     fake_kwargs[name] = _symbolic_tensor(mode, value, dims, sizes, symbols, name)
-            scan = ModuleScan.run(root, runner, args, fake_kwargs, fake_mode=mode)
-            if then is not None:
-                scan = then(scan)
+            with _symbolic_attention(kwargs):
+                scan = ModuleScan.run(root, runner, args, fake_kwargs, fake_mode=mode)
+                if then is not None:
+                    scan = then(scan)
         except ScanFailed:
             raise
         except Exception as error:  # a size the shape environment cannot represent: no symbolic scan

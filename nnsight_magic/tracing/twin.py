@@ -15,13 +15,18 @@ record ``hidden_states`` work on the twin, and a hook of yours runs during a sca
 and fake tensors (``isinstance(output, torch._subclasses.fake_tensor.FakeTensor)`` tells a scan apart). Copying
 the module tree costs about 25 ms for SmolLM2-135M (a plain walk of the tree; each tensor is made on the meta device,
 with no data). A block with a hook of yours is never replayed (see :mod:`.replay`), so the hook sees every call.
+
+A model that accelerate offloads (``device_map`` with ``"cpu"`` or ``"disk"`` parts, ``cpu_offload``) keeps the
+offloaded weights outside the module tree and loads them in a hook before each call. Its twin's weights are fakes
+on the device the hook runs the module on, and the twin's hooks only move inputs and outputs: a scan never loads
+(or copies) an offloaded weight.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
-
+import sys
 from typing import Any
 
 import torch
@@ -44,10 +49,12 @@ def fake_twin(root: torch.nn.Module, fake_mode: fake_tensor.FakeTensorMode,
     memo: dict[int, object] = {}
     storages: dict[StorageWeakRef, Any] = {}
     modules = list(root.modules())
+    run_devices = _offloaded(modules, memo)
+    meta_device = torch.device(meta_device)
     for module in modules:
         for value in _tensors_of(module):
             if id(value) not in memo:
-                memo[id(value)] = _fake_of(value, fake_mode, storages, torch.device(meta_device))
+                memo[id(value)] = _fake_of(value, fake_mode, storages, run_devices.get(id(module), meta_device))
     try:
         if all(_plainly_copied(type(module)) for module in modules):
             return _copy_tree(modules, memo)
@@ -89,6 +96,28 @@ def _copy_tree(modules: list[torch.nn.Module], memo: dict[int, object]) -> torch
                 state[name] = copy.deepcopy(value, memo)
         memo[id(module)].__dict__.update(state)
     return memo[id(modules[0])]
+
+
+def _offloaded(modules: list[torch.nn.Module], memo: dict[int, object]) -> dict[int, torch.device]:
+    """accelerate's offloading hooks among ``modules``: put in ``memo`` a twin of each that moves inputs and outputs
+    but loads no weight, and return where each offloaded module's weights are when it runs (``id`` -> device)."""
+    hooks = sys.modules.get("accelerate.hooks")  # a model has accelerate's hooks only if accelerate is imported
+    if hooks is None:
+        return {}
+    devices: dict[int, torch.device] = {}
+    for module in modules:
+        hook = module.__dict__.get("_hf_hook")
+        for each in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
+            if not isinstance(each, hooks.AlignDevicesHook) or not each.offload:
+                continue
+            twin_hook = copy.copy(each)
+            twin_hook.offload, twin_hook.weights_map, twin_hook.tied_params_map = False, None, None
+            memo[id(each)] = twin_hook
+            if each.execution_device is not None:
+                device = torch.device(each.execution_device)
+                for placed in module.modules() if each.place_submodules else (module,):
+                    devices[id(placed)] = device
+    return devices
 
 
 def _tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
