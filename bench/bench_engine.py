@@ -15,6 +15,7 @@ and the saves are checked to be the very tensors the model produced (zero-copy).
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Callable
 
 import torch
@@ -149,6 +150,7 @@ def main() -> None:
                                "hook_ablate": "bare", "ablate_on": "hook_ablate"}, DESCRIPTIONS), "\n")
     print("### Targets\n")
     print(common.targets_table(target_rows(tiny, tiny12, small)), "\n")
+    print(machine_scale(tiny, tiny12), "\n")
     print("tiny12 has GPT-2 small's module tree (164 modules) and the engine copies no tensor, so it measures the "
           "same engine work as the GPT-2-small rows with a far smaller noise; the GPT-2-small rows' intervals show "
           "what a 120 ms forward lets one resolve. Every case was checked against its baseline before timing; "
@@ -178,6 +180,21 @@ def target_rows(tiny: dict, tiny12: dict, small: dict) -> list:
         rows.append((f"save-12 on GPT-2 small vs hand hooks, validate={mode == 'on'}",
                      *paired(small, f"save12_{mode}", "hooks12"), 0.5, f"small: save12_{mode} − hooks12"))
     return rows
+
+
+def machine_scale(tiny: dict, tiny12: dict) -> str:
+    """The targets in ms next to what this machine's CPU makes of plain PyTorch: the cost of one more hand-written
+    cloning hook and of the bare forward in the same run, so runs on CPUs of different speed compare."""
+    hand = common.paired_difference(tiny12["hooks12"], tiny12["hooks1"]) / 11
+    low, high = (bound / 11 for bound in common.paired_interval(tiny12["hooks12"], tiny12["hooks1"]))
+    engine = {mode: common.paired_difference(tiny12[f"save12_{mode}"], tiny12[f"save1_{mode}"]) / 11
+              for mode in ("off", "on")}
+    empty = common.paired_difference(tiny["empty_off"], tiny["bare"])
+    bare = statistics.median(tiny["bare"]) * 1e3
+    return (f"This machine's scale: one more hand-written cloning hook costs {hand:.4f} ms [{low:.4f}, {high:.4f}] "
+            f"(tiny12: (hooks12 − hooks1) / 11), so one more save costs {engine['off'] / hand:.2f}× a hand hook "
+            f"with validate=False and {engine['on'] / hand:.2f}× with validate=True; the empty trace "
+            f"(validate=False) adds {100 * empty / bare:.1f} % to the tiny model's {bare:.3f} ms bare forward.")
 
 
 # ---------------------------------------------------------------------------------------- memory cases
