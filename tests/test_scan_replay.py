@@ -48,6 +48,18 @@ class Counting(Block):
         return super().forward(x)
 
 
+class WithHelper(Block):
+    """A block holding its own helper module outside the tree, as Hugging Face kernels give every attention layer its
+    own ``_kernel_funcs = {"rotary_pos_emb": Func()}``: blocks alike but for that private object are still alike."""
+
+    def __init__(self, width: int):
+        super().__init__(width)
+        self._helpers = {"activation": torch.nn.ReLU()}
+
+    def forward(self, x):
+        return x + self.outer(self._helpers["activation"](self.inner(x)))
+
+
 def real_shapes(model: torch.nn.Module, x: torch.Tensor) -> dict[str, list]:
     """Every module's output shape, dtype and device in a real run, recorded by hand-written hooks."""
     seen: dict[str, list] = {}
@@ -147,3 +159,17 @@ def test_a_language_model_on_the_meta_device_gets_the_shapes_of_the_real_one():
         handle.remove()
     assert shapes == (tuple(expected[0].shape), tuple(out.logits.shape))
     assert lazy.model.layers[0].mlp.up_proj.weight.device.type == "meta"
+
+
+def test_blocks_that_each_hold_a_private_helper_module_are_still_replayed():
+    model, x = torch.nn.Sequential(*(WithHelper(8) for _ in range(4))), torch.rand(3, 5, 8)
+    assert model[0]._helpers["activation"] is not model[1]._helpers["activation"]
+    scan = ModuleScan.run(model, lambda twin, x: twin(x), (x,), {})
+    assert scan.replayed == 3   # blocks 1..3 from block 0
+    assert scanned_shapes(scan) == real_shapes(model, x)
+    hooked = torch.nn.Sequential(*(WithHelper(8) for _ in range(3)))
+    calls = []
+    hooked[2]._helpers["activation"].register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    scan = ModuleScan.run(hooked, lambda twin, x: twin(x), (x,), {})
+    assert calls == [(3, 5, 16)]   # a helper with a hook of yours is not alike: its block runs, and the hook fires
+    assert scanned_shapes(scan) == real_shapes(hooked, x) and calls == [(3, 5, 16)] * 2

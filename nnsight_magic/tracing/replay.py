@@ -31,6 +31,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 _PLAIN = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, type(...))
 _FREE_ATTRIBUTES = frozenset({"layer_idx", "forward"}) | frozenset(vars(torch.nn.Module()))  # hooks: checked apart
+_HOOK_TABLES = tuple(name for name in vars(torch.nn.Module()) if "hook" in name)
 
 
 class _CannotReplay(Exception):
@@ -321,13 +322,30 @@ def _tensor_signature(value: Any) -> tuple:
     return (tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad)
 
 
-def _attribute(value: Any) -> Any:
+def _attribute(value: Any, depth: int = 0) -> Any:
+    """What one attribute of a module adds to its structure.
+
+    Plain values count as themselves and tensors by their signature; tuples, lists and dicts item by item; a
+    module held in an attribute rather than as a child (Hugging Face kernels give every attention layer its own
+    ``_kernel_funcs = {"rotary_pos_emb": Func()}``) by its class and attributes, when it has no children, tensors or
+    hooks; anything else (a config, a function) by identity, so layers sharing the very same object match.
+
+    In [1]: _attribute({"helper": torch.nn.Identity()}) == _attribute({"helper": torch.nn.Identity()})
+    Out[1]: True
+    """
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, torch.Tensor):
         return _tensor_signature(value)
-    if isinstance(value, tuple) and all(isinstance(item, _PLAIN) for item in value):
-        return value
+    if depth < 3:
+        if type(value) in (tuple, list):
+            return (type(value), tuple(_attribute(item, depth + 1) for item in value))
+        if type(value) is dict:
+            return (dict, tuple((key, _attribute(item, depth + 1)) for key, item in value.items()))
+        if isinstance(value, torch.nn.Module) and not (value._modules or value._parameters or value._buffers) \
+                and not any(vars(value)[name] for name in _HOOK_TABLES if name in vars(value)):
+            return (type(value), tuple((name, _attribute(item, depth + 1)) for name, item in vars(value).items()
+                                       if name not in _FREE_ATTRIBUTES))
     return ("object", id(value))   # a config or a function: the very same object
 
 
