@@ -190,8 +190,8 @@ class Interleaver:
         hooks, so it sees what a hook registered last would see only when the module has no forward hooks (what
         :meth:`__enter__` checks; a plain ``.save()`` gets :meth:`_storing_forward` instead). It saves torch's
         hook path (a handle made and removed, and the slow ``_call_impl`` branch), which is most of what one more
-        saved module output costs. A call of ``module.forward`` that
-        bypasses ``module(...)`` happens only from ``apply_module`` nodes, which pause the interleaver.
+        saved module output costs. A call of ``module.forward`` that bypasses ``module(...)`` happens only from
+        ``apply_module`` nodes, which pause the interleaver.
         """
         forward = module.forward
         input_hook = self._input_hook(inputs) if inputs else None
