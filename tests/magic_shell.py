@@ -7,6 +7,7 @@ notebook does (input transformers, ``In[N]`` numbering, traceback display) and r
 
 from __future__ import annotations
 
+import atexit
 import re
 
 import pytest
@@ -30,6 +31,10 @@ def ip():
     yield shell
     shell.run_line_magic("unload_ext", "nnsight_magic")
     InteractiveShell.clear_instance()
+    # each shell registers its exit cleanup (a namespace reset and a full gc.collect()): with one shell per test,
+    # the interpreter's exit took minutes, and every shell's namespace (models, tensors) stayed alive until then
+    atexit.unregister(shell.atexit_operations)
+    shell.user_ns.clear()
 
 
 def run(shell: InteractiveShell, source: str):
