@@ -270,12 +270,10 @@ class Tracer:
                 use_source(self, path)
             op = "module_output" if kind == "output" else "module_inputs"
             meta = {"call": call, "step": step or 0, "invoke": invoke}
-            fake = None
-            if self.validate:  # _entry_fake, inlined: this runs for every module value a trace reads
-                scan = self._scan(invoke, step if section is None else self.graph.sections[section].steps.first)
-                if scan is not None:
-                    fake = scan.output(path, call) if op == "module_output" else scan.input(path, call)
-            entry = self.create_proxy(op, path, (), {}, meta=meta, fake=fake)
+            first_step = step if section is None else self.graph.sections[section].steps.first  # first_step(key)
+            entry = self.create_proxy(op, path, (), {}, meta=meta,
+                                      fake=self._entry_fake(op, path, call, invoke, first_step) if self.validate
+                                      else None)
             self._entries[key] = entry
         return entry
 
@@ -494,10 +492,8 @@ class Tracer:
 
     def _refresh_shapes(self) -> None:
         """With several invokes, give whole-batch and padded values their final shapes, and re-check the graph."""
-        nodes = self.graph.nodes
-        module_values = [nodes[index] for index in self.graph.entry_indices
-                         if nodes[index].op in ("module_output", "module_inputs")]
-        if len(self.invokes) < 2 and all([node.fake is not None for node in module_values]):
+        module_values = [node for node in self.graph.entries() if node.op in ("module_output", "module_inputs")]
+        if len(self.invokes) < 2 and all(node.fake is not None for node in module_values):
             return
         changed = False
         for node in module_values:

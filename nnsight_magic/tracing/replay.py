@@ -31,7 +31,6 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 _PLAIN = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, type(...))
 _FREE_ATTRIBUTES = frozenset({"layer_idx", "forward"}) | frozenset(vars(torch.nn.Module()))  # hooks: checked apart
-_HOOK_TABLES = tuple(name for name in vars(torch.nn.Module()) if "hook" in name)
 
 
 class _CannotReplay(Exception):
@@ -162,8 +161,7 @@ class CallReplay:
             number = None if child is None else self._structure(child, first)
             replayable &= child is None or number is not None
             children.append((name, number))
-        hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-        replayable &= all(handle in self.own_hooks for table in hooks for handle in table)
+        replayable &= all(handle in self.own_hooks for table in _hooks(module) for handle in table)
         replayable &= not (first and "forward" in module.__dict__)
         number = None
         if replayable:
@@ -322,6 +320,12 @@ def _tensor_signature(value: Any) -> tuple:
     return (tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad)
 
 
+def _hooks(module: torch.nn.Module) -> tuple:
+    """The module's hook tables whose hooks run when it is called (forward and backward, pre and post)."""
+    return tuple(table for table in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+                                     module._backward_pre_hooks) if table)
+
+
 def _attribute(value: Any, depth: int = 0) -> Any:
     """What one attribute of a module adds to its structure.
 
@@ -343,7 +347,7 @@ def _attribute(value: Any, depth: int = 0) -> Any:
         if type(value) is dict:
             return (dict, tuple((key, _attribute(item, depth + 1)) for key, item in value.items()))
         if isinstance(value, torch.nn.Module) and not (value._modules or value._parameters or value._buffers) \
-                and not any(vars(value)[name] for name in _HOOK_TABLES if name in vars(value)):
+                and not _hooks(value):
             return (type(value), tuple((name, _attribute(item, depth + 1)) for name, item in vars(value).items()
                                        if name not in _FREE_ATTRIBUTES))
     return ("object", id(value))   # a config or a function: the very same object
